@@ -1,0 +1,1 @@
+"""lcmrt.engines: engine builders (ONNX graph optimization, FP16, TensorRT). Imports the runtime, not torch."""

@@ -1,0 +1,1 @@
+"""lcmrt.export: the build stage (torch, diffusers, peft, onnx). The runtime never imports it."""

@@ -1,0 +1,43 @@
+"""The backend interface: what the runtime needs from an inference engine, and nothing more.
+
+A backend loads one component (text encoder, UNet, VAE) from the engine folder into a `Session`; a
+session runs with named arrays and can have named weights replaced (refit) for adapter swapping.
+ONNX Runtime and TensorRT implement it; the pipeline never talks to either directly.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, or a str for a dimension that varies (the UNet batch of a cfg folder)
+    dtype: np.dtype
+
+
+class Session(ABC):
+    """One loaded component."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; every input by name, every output returned by name."""
+
+    def refit(self, weights: dict[str, np.ndarray]) -> None:
+        """Replace graph weights (by graph initializer name) in place. Only refittable folders need it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot refit weights")
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def load(self, folder: Path, manifest: dict, component: str) -> Session:
+        """Load `component` of the engine folder (the files were verified against the manifest)."""

@@ -1,0 +1,81 @@
+"""The engine folder's `manifest.json`: reading, writing and checking it (see DESIGN.md, "The engine folder").
+
+The manifest is a plain JSON document; this module owns its format version and the checks every loader
+runs: the folder is an engine folder, its format is one this runtime reads, and each graph file is the
+one the build wrote (sha256).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import EngineFolderError
+
+MANIFEST_NAME = "manifest.json"
+# Bump when a reader of the previous format would misread a new folder.
+FORMAT_VERSION = 1
+_HASH_CHUNK = 16 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EngineFolderError(
+            f"{folder} is not a folder. Pass the folder written by `lcmrt build ... --out DIR`.")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineFolderError(
+            f"{folder} is not an lcmrt engine folder: it has no {MANIFEST_NAME}. "
+            "Build one with `lcmrt build MODEL --lcm-lora LORA --out DIR`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineFolderError(f"{path} is not valid JSON ({e}). Rebuild the folder with `lcmrt build`.") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise EngineFolderError(f"{path} has no integer format_version; it was not written by `lcmrt build`.")
+    if version > FORMAT_VERSION:
+        raise EngineFolderError(
+            f"{folder} was built with engine folder format {version}, but this lcmrt reads format "
+            f"{FORMAT_VERSION} at most. Upgrade lcmrt (`pip install -U lcmrt`) or rebuild the folder with this version.")
+    return manifest
+
+
+def component_files(manifest: dict, component: str) -> list[str]:
+    """The graph file and its external data files, relative to the folder."""
+    return list(manifest["components"][component]["sha256"])
+
+
+def verify_component(folder: str | Path, manifest: dict, component: str) -> Path:
+    """Check that a component's files exist and hash to what the build recorded; return the graph path."""
+    folder = Path(folder)
+    entry = manifest["components"].get(component)
+    if entry is None:
+        raise EngineFolderError(
+            f"{folder} has no {component!r} component (it has {', '.join(manifest['components'])}). "
+            "Rebuild the folder with `lcmrt build`.")
+    for name, expected in entry["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise EngineFolderError(
+                f"{path} is missing from the engine folder. Rebuild the folder with `lcmrt build`.")
+        if file_sha256(path) != expected:
+            raise EngineFolderError(
+                f"{path} does not match the hash recorded at build time: the file was modified or "
+                "truncated. Rebuild the folder with `lcmrt build`.")
+    return folder / entry["file"]
