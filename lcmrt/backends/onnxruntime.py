@@ -1,0 +1,285 @@
+"""ONNX Runtime backend: runs engine-folder graphs on the CPU, CUDA or TensorRT execution provider.
+
+A component is one `InferenceSession`. Refit re-creates the session with the new weights handed to ONNX
+Runtime as external initializers (`SessionOptions.add_external_initializers`), which replace the graph's
+values before graph optimization, so constant folding sees the new weights: the result is exactly the
+graph with those initializer values. ONNX Runtime only replaces initializers the graph file keeps as
+external data, and checks nothing by name beforehand, so the initializer table is read from the file
+itself (a few fields of the ONNX protobuf, without the `onnx` package) to give clear errors up front.
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendError
+from .base import Backend, Session, TensorSpec
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_NAMES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-trt"}
+TRT_CACHE_DIR = "ort-trt-cache"  # inside the engine folder: TensorRT engines belong to one GPU and version
+
+# onnxruntime's type strings for the element types lcmrt graphs use.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+# onnx TensorProto.DataType codes (onnx/onnx.proto).
+_ONNX_DTYPES = {
+    1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+    9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
+}
+_LISTED = 5  # names shown in an error before "..."
+
+
+class OnnxRuntimeBackend(Backend):
+    """`device` picks the execution provider: "cpu", "cuda" or "tensorrt" (with CUDA and CPU as fallbacks
+    for the nodes TensorRT does not take). `threads` sets intra-op threads (default: ONNX Runtime's, one
+    per physical core); `fp16` lets the TensorRT provider build FP16 kernels."""
+
+    def __init__(self, device: str = "cpu", *, threads: int | None = None, device_id: int = 0,
+                 fp16: bool = False):
+        if device not in PROVIDERS:
+            raise BackendError(f"Unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}.")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise BackendError(f"threads must be a positive integer, got {threads!r}.")
+        installed = ort.get_available_providers()
+        if PROVIDERS[device] not in installed:
+            raise BackendError(
+                f"ONNX Runtime {ort.__version__} here has no {PROVIDERS[device]} (installed: {', '.join(installed)}). "
+                'Install the GPU build with `pip install "lcmrt[gpu]"`: onnxruntime-gpu replaces onnxruntime, '
+                "so if both end up installed, run `pip uninstall -y onnxruntime onnxruntime-gpu` and then "
+                "`pip install onnxruntime-gpu`.")
+        self.device = device
+        self.name = _NAMES[device]
+        self.threads = threads
+        self.device_id = device_id
+        self.fp16 = fp16
+
+    @staticmethod
+    def available_devices() -> list[str]:
+        installed = ort.get_available_providers()
+        return [device for device, provider in PROVIDERS.items() if provider in installed]
+
+    def load(self, folder: Path, manifest: dict, component: str) -> OrtSession:
+        folder = Path(folder)
+        return OrtSession(folder / manifest["components"][component]["file"], component, self._providers(folder),
+                          self.threads)
+
+    def _providers(self, folder: Path) -> list:
+        cpu = "CPUExecutionProvider"
+        cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
+        if self.device == "cpu":
+            return [cpu]
+        if self.device == "cuda":
+            return [cuda, cpu]
+        cache = str(folder / TRT_CACHE_DIR)
+        trt = ("TensorrtExecutionProvider", {
+            "device_id": str(self.device_id),
+            "trt_fp16_enable": "1" if self.fp16 else "0",
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": cache,
+        })
+        return [trt, cuda, cpu]
+
+
+class OrtSession(Session):
+    def __init__(self, path: Path, component: str, providers: list, threads: int | None):
+        self.path = Path(path)
+        self.component = component
+        self._providers = providers
+        self.provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        self._threads = threads
+        # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
+        self._weights: dict[str, np.ndarray] = {}
+        self._initializers: dict[str, tuple[TensorSpec, bool]] | None = None  # read on first refit
+        self._session = self._create(self._weights)
+        self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()}
+        self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
+
+    def _create(self, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
+        if weights:
+            options.add_external_initializers(
+                list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
+        except Exception as e:  # onnxruntime's own exception types do not share a useful base class
+            raise BackendError(
+                f"ONNX Runtime could not load the {self.component} graph {self.path}: {e}. "
+                "If the file is damaged, rebuild the folder with `lcmrt build`.") from e
+        if self.provider not in session.get_providers():
+            # ONNX Runtime falls back to the CPU with only a log line when a GPU provider fails to start.
+            raise BackendError(
+                f"{self.provider} is installed but did not start for {self.path.name} (running on "
+                f"{', '.join(session.get_providers())}): check the CUDA, cuDNN and TensorRT libraries that "
+                f"onnxruntime-gpu {ort.__version__} needs, or use backend 'onnxruntime-cpu'.")
+        return session
+
+    def _spec(self, arg) -> TensorSpec:
+        dtype = _ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise BackendError(
+                f"{self.path.name}: {arg.name!r} has type {arg.type}, which lcmrt cannot exchange as a numpy "
+                "array. Rebuild the folder with `lcmrt build`.")
+        # a dimension with neither a size nor a name varies too
+        shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
+        return TensorSpec(arg.name, shape, np.dtype(dtype))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feeds(feeds)
+        try:
+            values = self._session.run(list(self.outputs), feeds)
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
+        return dict(zip(self.outputs, values))
+
+    def _check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        missing = [name for name in self.inputs if name not in feeds]
+        unknown = [name for name in feeds if name not in self.inputs]
+        if missing or unknown:
+            raise BackendError(
+                f"{self.component} takes inputs {', '.join(self.inputs)}; "
+                + (f"missing: {', '.join(missing)}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"not inputs of this graph: {', '.join(unknown)}" if unknown else "") + ".")
+        for name, spec in self.inputs.items():
+            value = feeds[name]
+            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype or not _fits(value.shape, spec.shape):
+                got = _describe(value.dtype, value.shape) if isinstance(value, np.ndarray) else type(value).__name__
+                raise BackendError(
+                    f"{self.component} input {name!r}: expected {_describe(spec.dtype, spec.shape)}, got {got}.")
+
+    def refit(self, weights: dict[str, np.ndarray]) -> None:
+        """Swap in new initializer values (graph initializer name -> array); the other weights stay as they
+        are. All or nothing: the new session is built before the old one is dropped. The arrays are not
+        copied (ONNX Runtime may read them in place): do not modify them afterwards."""
+        if self.provider == "TensorrtExecutionProvider":
+            # Its engine cache is keyed by the graph's file and tensor names, not by weight values, so a
+            # re-created session would load the engine built with the old weights.
+            raise BackendError(
+                "The onnxruntime-trt backend cannot refit weights: its engine cache would keep the old "
+                "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
+        table = self._initializer_table()
+        unknown = [name for name in weights if name not in table]
+        if unknown:
+            raise BackendError(
+                f"{len(unknown)} weight(s) are not initializers of {self.path.name}: {_some(unknown)}. "
+                "The folder's refit map does not match its graph; rebuild the folder with `lcmrt build`.")
+        inline = [name for name in weights if not table[name][1]]
+        if inline:
+            raise BackendError(
+                f"{self.path.name} keeps {len(inline)} of these weights inside the graph file ({_some(inline)}); "
+                "ONNX Runtime can only replace weights stored as external data. Rebuild the folder with "
+                "`lcmrt build`, which stores refittable weights as external data.")
+        arrays = {}
+        for name, value in weights.items():
+            spec = table[name][0]
+            value = np.asarray(value)
+            if value.dtype != spec.dtype or value.shape != spec.shape:
+                raise BackendError(
+                    f"weight {name!r} of {self.path.name}: expected {_describe(spec.dtype, spec.shape)}, "
+                    f"got {_describe(value.dtype, value.shape)}.")
+            arrays[name] = np.require(value, requirements="C")
+        merged = {**self._weights, **arrays}
+        session = self._create(merged)
+        self._session, self._weights = session, merged
+
+    def _initializer_table(self) -> dict[str, tuple[TensorSpec, bool]]:
+        if self._initializers is None:
+            self._initializers = read_initializers(self.path)
+        return self._initializers
+
+
+def _fits(shape: tuple, expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(isinstance(e, str) or s == e for s, e in zip(shape, expected))
+
+
+def _describe(dtype, shape) -> str:
+    return f"{np.dtype(dtype).name if dtype is not None else 'unsupported type'}[{', '.join(str(d) for d in shape)}]"
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
+
+
+# --- the initializer table of an .onnx file, read straight from the protobuf wire format -----------------
+# ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, name = 8,
+# data_location = 14 (1 = EXTERNAL). Large inline tensors are skipped over, never copied (mmap).
+
+def read_initializers(path: Path) -> dict[str, tuple[TensorSpec, bool]]:
+    """Initializer name -> (spec, stored as external data) for the main graph of an .onnx file."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        graph = [span for field, span in _fields(buf, 0, len(buf)) if field == 7]
+        if not graph:
+            raise BackendError(f"{path} has no graph. Rebuild the folder with `lcmrt build`.")
+        table = {}
+        for field, span in _fields(buf, *graph[-1]):
+            if field == 5:
+                spec, external = _tensor_header(buf, *span)
+                table[spec.name] = (spec, external)
+        return table
+
+
+def _tensor_header(buf, start: int, end: int) -> tuple[TensorSpec, bool]:
+    dims, dtype, name, external = [], None, "", False
+    for field, value in _fields(buf, start, end):
+        if field == 1:
+            if isinstance(value, tuple):  # packed repeated int64
+                pos, stop = value
+                while pos < stop:
+                    dim, pos = _varint(buf, pos)
+                    dims.append(dim)
+            else:
+                dims.append(value)
+        elif field == 2:
+            dtype = _ONNX_DTYPES.get(value)
+        elif field == 8:
+            name = buf[value[0]:value[1]].decode()
+        elif field == 14:
+            external = value == 1
+    return TensorSpec(name, tuple(dims), np.dtype(dtype) if dtype else None), external
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, value) of one message: an int for varints, a (start, end) span for everything else."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = (pos, pos + size), pos + size
+        elif wire in (1, 5):  # fixed64, fixed32
+            size = 8 if wire == 1 else 4
+            value, pos = (pos, pos + size), pos + size
+        else:
+            raise BackendError(f"Unexpected protobuf wire type {wire} at byte {pos}: not an ONNX file.")
+        yield key >> 3, value
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
