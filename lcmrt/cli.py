@@ -5,9 +5,11 @@ Build-stage commands import `lcmrt.export` lazily so that the runtime commands w
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import LcmrtError
 
@@ -48,6 +50,148 @@ def random_model(out, arch, size, seed, overwrite):
     paths = write_random_model(out, arch=arch, size=size, seed=seed, overwrite=overwrite)
     for role, path in paths.items():
         click.echo(f"{role:>10}: {path}")
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    return None if quiet else Console(stderr=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--lcm-lora", "lcm_lora", required=True, help="The LCM-LoRA file (kohya, diffusers or peft format).")
+@click.option("--lcm-weight", default=1.0, show_default=True, help="Weight of the LCM-LoRA.")
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH[:WEIGHT]",
+              help="A style LoRA to fuse, optionally named and weighted; repeatable.")
+@click.option("--height", default=512, show_default=True, help="Image height in pixels (multiple of 8).")
+@click.option("--width", default=512, show_default=True, help="Image width in pixels (multiple of 8).")
+@click.option("--batch", default=1, show_default=True, help="Images per call.")
+@click.option("--guidance-mode", type=click.Choice(["none", "cfg"]), default="none", show_default=True,
+              help="cfg also builds the unconditional batch, for guidance_scale > 1.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--config", help="Diffusers folder or config for a single-file checkpoint (needed offline).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .ckpt/.bin/.pt files (they can run code).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress or summary output.")
+def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
+          overwrite, quiet):
+    """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
+    import signal
+
+    from .export.build import BuildRequest, build_engine_folder
+    from .export.lora import LoraSpec, parse_lora_arg
+    from .progress import Stages
+
+    # SIGTERM unwinds like Ctrl-C, so the partial folder is removed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    request = BuildRequest(
+        model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
+        loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
+        guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite)
+    console = _console(quiet)
+    manifest = build_engine_folder(request, Stages(console))
+    if console is not None:
+        _print_build_summary(console, out, manifest)
+
+
+def _print_build_summary(console, out: Path, manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{out}  ({_folder_size(out) / 1e6:.1f} MB)")
+    for column in ("component", "size MB", "params", "max abs diff vs torch", "export s"):
+        table.add_column(column, justify="right" if column != "component" else "left")
+    seconds = manifest["build"]["seconds"]
+    for name, entry in manifest["components"].items():
+        size = sum((out / f).stat().st_size for f in entry["sha256"])
+        table.add_row(name, f"{size / 1e6:.1f}", f"{entry['parameters'] / 1e6:.2f}M",
+                      f"{entry['validation']['max_abs_diff']:.2e}", f"{seconds.get(f'export {name}', 0):.1f}")
+    console.print(table)
+    adapters = ", ".join(f"{a['name']}:{a['weight']:g}" for a in manifest["adapters"])
+    console.print(f"fused adapters: {adapters}; total {sum(seconds.values()):.1f} s")
+    console.print(f"[bold]engine folder:[/bold] {out}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--negative-prompt", default=None, help="Used when --guidance > 1 (default: empty).")
+@click.option("--steps", default=4, show_default=True, help="LCM steps (2-8 is the useful range).")
+@click.option("--guidance", default=1.0, show_default=True, help="> 1 needs a folder built with --guidance-mode cfg.")
+@click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the PNG).")
+@click.option("--num-images", default=1, show_default=True)
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG path; with several images, -0, -1, ... are appended to the name.")
+def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, output):
+    """Generate images for PROMPT with the engine folder FOLDER."""
+    from . import __version__
+    from .images import save_png
+    from .pipeline import Pipeline
+
+    load_start = time.perf_counter()
+    pipe = Pipeline.load(folder, backend=backend)
+    load_seconds = time.perf_counter() - load_start
+    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  seed=seed, num_images=num_images)
+    metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
+                "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
+                "backend": pipe.backend, "lcmrt_version": __version__}
+    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
+                                               for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_png(image, path, metadata)
+    t = pipe.last_timings
+    steps_s = t["unet_steps"]
+    click.echo(f"load {load_seconds:.2f} s | text encoder {t['text_encoder']:.3f} s | "
+               f"UNet {np.median(steps_s):.3f} s/step x {len(steps_s)} | VAE decode {t['vae_decode']:.3f} s | "
+               f"total {t['total']:.2f} s (seed {pipe.last_seed})", err=True)
+    for path in paths:
+        click.echo(str(path))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def info(folder, as_json):
+    """Describe the engine folder FOLDER."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .manifest import load_manifest
+
+    manifest = load_manifest(folder)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    console = Console()
+    s, src = manifest["shapes"], manifest["source"]
+    console.print(f"[bold]{folder}[/bold]: {manifest['family']} engine folder, format {manifest['format_version']}, "
+                  f"built {manifest['build']['created']} with lcmrt {manifest['versions']['lcmrt']}")
+    console.print(f"source: {src['kind']} {src['id']}" + (f" (sha256 {src['sha256'][:12]})" if src["sha256"] else ""))
+    console.print(f"shape: {s['width']}x{s['height']} px, batch {s['batch']}, latent {s['latent_channels']}x"
+                  f"{s['latent_height']}x{s['latent_width']}, UNet batches {s['unet_batch_sizes']}; "
+                  f"guidance mode {manifest['guidance_mode']}")
+    cfg = manifest["scheduler"]["config"]
+    console.print(f"scheduler: {manifest['scheduler']['class']} ({cfg['beta_schedule']} {cfg['beta_start']}.."
+                  f"{cfg['beta_end']}, {cfg['prediction_type']}, original_inference_steps "
+                  f"{cfg['original_inference_steps']}, timestep_scaling {cfg['timestep_scaling']})")
+    table = Table("component", "file", "precision", "params", "GFLOP", "max abs diff vs torch")
+    for name, entry in manifest["components"].items():
+        table.add_row(name, entry["file"], entry["precision"], f"{entry['parameters'] / 1e6:.2f}M",
+                      f"{entry['flops'] / 1e9:.1f}", f"{entry['validation']['max_abs_diff']:.2e}")
+    console.print(table)
+    adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
+    for a in manifest["adapters"]:
+        adapters.add_row(a["name"], a["role"], f"{a['weight']:g}", str(a["fused"]), a["format"],
+                         ", ".join(f"{k} {v}" for k, v in a["modules"].items()))
+    console.print(adapters)
 
 
 def main():

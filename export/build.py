@@ -1,0 +1,145 @@
+"""`lcmrt build`: load a model, fuse LCM-LoRA and style LoRAs, export and validate every graph, and write
+the engine folder atomically (into a hidden sibling folder, renamed into place only when complete)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .. import __version__
+from ..errors import InputError
+from ..families import get_family
+from ..manifest import FORMAT_VERSION, write_manifest
+from ..progress import Stages
+
+GUIDANCE_MODES = ("none", "cfg")
+_VERSIONED = ("torch", "diffusers", "peft", "transformers", "onnx", "onnxruntime")
+
+
+@dataclass
+class BuildRequest:
+    model: str
+    out: Path
+    lcm_lora: object  # lcmrt.export.lora.LoraSpec with role "lcm"
+    loras: list = field(default_factory=list)  # style LoraSpecs
+    height: int = 512
+    width: int = 512
+    batch: int = 1
+    guidance_mode: str = "none"
+    config: str | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def check_request(req: BuildRequest) -> None:
+    """Cheap checks before any model is loaded."""
+    for name, value in (("--height", req.height), ("--width", req.width)):
+        if value <= 0 or value % 8:
+            raise InputError(f"{name} {value} is not a positive multiple of 8 (the VAE downscales by 8); "
+                             f"try {max(8, round(value / 8) * 8)}.")
+    if req.batch < 1:
+        raise InputError(f"--batch {req.batch} must be at least 1.")
+    if req.guidance_mode not in GUIDANCE_MODES:
+        raise InputError(f"--guidance-mode {req.guidance_mode!r} is not one of {', '.join(GUIDANCE_MODES)}.")
+    if req.out.exists() and not req.overwrite:
+        raise InputError(f"{req.out} already exists. Pass --overwrite to replace it, or choose another --out.")
+    for spec in [req.lcm_lora, *req.loras]:
+        if not Path(spec.path).is_file():
+            raise InputError(f"LoRA file {spec.path} does not exist.")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool):
+    """Yield a hidden sibling folder to build in; on success it replaces `out`, on any failure it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise InputError(f"{out} appeared while building. Pass --overwrite to replace it.")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:  # KeyboardInterrupt and SIGTERM (the CLI turns it into one) included
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_shapes(family, req: BuildRequest) -> dict:
+    unet_batches = [req.batch] if req.guidance_mode == "none" else [req.batch, 2 * req.batch]
+    return {
+        "batch": req.batch, "height": req.height, "width": req.width,
+        "latent_channels": family.latent_channels,
+        "latent_height": req.height // family.vae_scale_factor,
+        "latent_width": req.width // family.vae_scale_factor,
+        "text_length": family.text_length,
+        "unet_batch_sizes": unet_batches,
+    }
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "lcmrt": __version__}
+    versions.update({name: metadata.version(name) for name in _VERSIONED})
+    return versions
+
+
+def _json_safe(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
+
+
+def build_engine_folder(req: BuildRequest, stages: Stages | None = None) -> dict:
+    """Run the whole build; return the manifest written to `req.out/manifest.json`."""
+    check_request(req)
+    stages = stages or Stages()
+    # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
+    from diffusers import LCMScheduler
+
+    from .loading import load_model
+    from .lora import fuse_loras
+    from .onnx_export import OPSET, component_exports, copy_tokenizer, export_component
+
+    with stages.stage("load model"):
+        loaded = load_model(req.model, config=req.config, allow_pickle=req.allow_pickle)
+    pipe, family = loaded.pipe, get_family(loaded.family)
+    with stages.stage("fuse LoRAs"):
+        adapters = [{**record, "fused": True}
+                    for record in fuse_loras(pipe, [req.lcm_lora, *req.loras], allow_pickle=req.allow_pickle)]
+    shapes = build_shapes(family, req)
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+    with atomic_folder(req.out, req.overwrite) as tmp:
+        components = {}
+        for spec in component_exports(pipe, shapes):
+            with stages.stage(f"export {spec.name}"):
+                components[spec.name] = export_component(spec, tmp, vocab_size=pipe.text_encoder.config.vocab_size)
+        with stages.stage("write manifest"):
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "family": family.name,
+                "source": loaded.source,
+                "shapes": shapes,
+                "guidance_mode": req.guidance_mode,
+                "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
+                "tokenizer": copy_tokenizer(pipe.tokenizer, tmp),
+                "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor)},
+                "components": components,
+                "adapters": adapters,
+                "refit_map": {},
+                "engines": [],
+                "versions": _versions(),
+                "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "opset": OPSET, "seconds": stages.seconds},
+            }
+            write_manifest(tmp, manifest)
+    return manifest

@@ -1,0 +1,137 @@
+"""Load the base model as an fp32 diffusers pipeline from a diffusers folder, a single-file checkpoint, or a hub id.
+
+Pickled checkpoints (.ckpt, .bin, .pt, .pth) can run arbitrary code when loaded, so they are refused
+unless the user opts in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelLoadError
+from ..manifest import file_sha256
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
+WEIGHT_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+# diffusers pipeline class -> lcmrt family
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15"}
+
+
+@dataclass
+class LoadedModel:
+    pipe: object  # diffusers.StableDiffusionPipeline, fp32, eval mode
+    family: str
+    source: dict  # for the manifest: kind, id, sha256
+
+
+def _family_of(pipeline_class: str, where: str) -> str:
+    try:
+        return PIPELINE_FAMILIES[pipeline_class]
+    except KeyError:
+        raise ModelLoadError(
+            f"{where} is a {pipeline_class}; lcmrt builds {', '.join(PIPELINE_FAMILIES)} models "
+            f"({', '.join(sorted(set(PIPELINE_FAMILIES.values())))}) so far.") from None
+
+
+def _folder_sha256(folder: Path, allow_pickle: bool) -> str:
+    """One hash over every weight file of a diffusers folder (names and contents, sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES):
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            continue  # not loaded either: diffusers prefers the safetensors twin
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise InputError(
+            f"{path} is a pickled checkpoint ({path.suffix}), which can run arbitrary code when loaded. "
+            "Convert it to .safetensors, or pass --allow-pickle if you trust its source.")
+
+
+def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers model folder (no model_index.json). Pass a folder saved with "
+            "`save_pretrained`, a single-file .safetensors checkpoint with --config, or a hub id.")
+    family = _family_of(json.loads(index.read_text()).get("_class_name", "?"), str(folder))
+    has_safetensors = any(folder.rglob("*.safetensors"))
+    if not has_safetensors and not allow_pickle:
+        raise InputError(
+            f"{folder} holds only pickled weights (.bin/.ckpt), which can run arbitrary code when loaded. "
+            "Convert them to .safetensors, or pass --allow-pickle if you trust the source.")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+            local_files_only=True, use_safetensors=None if allow_pickle else True)
+    except Exception as e:
+        raise ModelLoadError(f"Loading the diffusers folder {folder} failed: {type(e).__name__}: {e}") from e
+    source = {"kind": "diffusers", "id": str(folder.resolve()), "sha256": _folder_sha256(folder, allow_pickle)}
+    return LoadedModel(pipe, family, source)
+
+
+def _load_single_file(path: Path, config: str | None, allow_pickle: bool) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    _refuse_pickle(path, allow_pickle)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise InputError(f"{path} is not a model: expected a diffusers folder or a .safetensors checkpoint.")
+    if config is not None and not Path(config).exists():
+        raise InputError(f"--config {config} does not exist. Pass a diffusers folder of the same architecture.")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=config, torch_dtype=torch.float32, safety_checker=None,
+            requires_safety_checker=False, local_files_only=config is not None)
+    except Exception as e:
+        hint = ("Offline, a single-file checkpoint needs --config pointing at a diffusers folder (or its "
+                "config) of the same architecture, e.g. --config path/to/stable-diffusion-v1-5."
+                if config is None else "Check that --config is a diffusers folder of the same architecture.")
+        raise ModelLoadError(f"Loading the checkpoint {path} failed ({type(e).__name__}: {e}). {hint}") from e
+    source = {"kind": "single_file", "id": str(path.resolve()), "sha256": file_sha256(path)}
+    return LoadedModel(pipe, "sd15", source)  # from_single_file above only builds SD1.x pipelines
+
+
+def _load_hub(model_id: str, allow_pickle: bool) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(model_id)
+        family = _family_of(config.get("_class_name", "?"), model_id)
+        pipe = DiffusionPipeline.from_pretrained(
+            model_id, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+            use_safetensors=None if allow_pickle else True)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"{model_id!r} is not a local path, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If you are offline, download the "
+            "model elsewhere and pass its local diffusers folder; check the spelling of the path otherwise.") from e
+    source = {"kind": "hub", "id": model_id, "sha256": None}
+    return LoadedModel(pipe, family, source)
+
+
+def load_model(model: str, config: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    path = Path(model)
+    if path.is_dir():
+        loaded = _load_folder(path, allow_pickle)
+    elif path.is_file():
+        loaded = _load_single_file(path, config, allow_pickle)
+    elif model.count("/") == 1 and not model.startswith((".", "/", "~")) and path.suffix == "":
+        loaded = _load_hub(model, allow_pickle)
+    else:
+        raise InputError(f"Model {model} does not exist. Pass a diffusers folder, a .safetensors checkpoint, "
+                         "or a hub id like org/name.")
+    loaded.pipe.to(torch.float32)
+    for module in (loaded.pipe.unet, loaded.pipe.vae, loaded.pipe.text_encoder):
+        module.eval()
+    return loaded

@@ -1,0 +1,213 @@
+"""Export each component of a fused pipeline to static-shape ONNX and validate it against torch.
+
+Every graph is checked in ONNX Runtime against the torch module on the same random inputs; the
+measured max abs diff goes in the manifest, and a diff over tolerance fails the build. The torch
+reference pass runs under torch's FLOP counter, so the manifest also records each component's FLOPs.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..backends.onnxruntime import OnnxRuntimeBackend
+from ..errors import ExportError
+from ..manifest import file_sha256
+
+# opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
+OPSET = 18
+# Protobuf cannot hold more than 2 GB: bigger graphs keep their weights in one external data file.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+# fp32 ONNX Runtime vs torch differs by reordered float sums: ~1e-6 on tiny models, ~1e-4 at full
+# size. 1e-3 of the output's magnitude catches a wrong graph (those differ at order 1) with margin.
+VALIDATION_RTOL = 1e-3
+VALIDATION_SEED = 1234
+
+
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        # last_hidden_state: [1, 77, D]
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        # noise_pred: [B, 4, H/8, W/8]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """Takes the sampler's latents; the 1/scaling_factor is part of the graph."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        # image: [N, 3, H, W] in about [-1, 1]
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """Image in [-1, 1] to the mean and std of the latent distribution (unscaled), for img2img."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        moments = self.vae.encoder(image)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        # the clamp matches diffusers' DiagonalGaussianDistribution
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        return mean, std
+
+
+@dataclass
+class ComponentExport:
+    """One graph to export: a torch module, its static input shapes, and which axes may vary."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, tuple[tuple, str]]  # name -> (shape, dtype); a str dim varies
+    outputs: list[str]
+    dim_values: dict[str, list[int]] = field(default_factory=dict)  # symbolic dim -> allowed sizes
+
+
+def component_exports(pipe, shapes: dict) -> list[ComponentExport]:
+    """The graphs an engine folder holds, with the shapes of the build's profile."""
+    n, lh, lw = shapes["batch"], shapes["latent_height"], shapes["latent_width"]
+    c, t = shapes["latent_channels"], shapes["text_length"]
+    d = pipe.text_encoder.config.hidden_size
+    unet_batches = shapes["unet_batch_sizes"]
+    unet_batch = unet_batches[0] if len(unet_batches) == 1 else "unet_batch"
+    return [
+        ComponentExport("text_encoder", TextEncoderGraph(pipe.text_encoder),
+                        {"input_ids": ((1, t), "int64")}, ["last_hidden_state"]),
+        ComponentExport("unet", UNetGraph(pipe.unet),
+                        {"sample": ((unet_batch, c, lh, lw), "float32"),
+                         "timestep": ((1,), "float32"),
+                         "encoder_hidden_states": ((unet_batch, t, d), "float32")},
+                        ["noise_pred"],
+                        {"unet_batch": unet_batches} if unet_batch == "unet_batch" else {}),
+        ComponentExport("vae_decoder", VaeDecoderGraph(pipe.vae),
+                        {"latents": ((n, c, lh, lw), "float32")}, ["image"]),
+        ComponentExport("vae_encoder", VaeEncoderGraph(pipe.vae),
+                        {"image": ((n, 3, shapes["height"], shapes["width"]), "float32")},
+                        ["latent_mean", "latent_std"]),
+    ]
+
+
+def _example_inputs(spec: ComponentExport, vocab_size: int, batch_for: dict[str, int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(VALIDATION_SEED)
+    arrays = {}
+    for name, (shape, dtype) in spec.inputs.items():
+        shape = tuple(batch_for.get(d, d) if isinstance(d, str) else d for d in shape)
+        if name == "input_ids":
+            arrays[name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif name == "timestep":
+            arrays[name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        elif name == "image":
+            arrays[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        else:
+            arrays[name] = rng.standard_normal(shape, dtype=np.float32)
+    return arrays
+
+
+def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir: Path) -> list[str]:
+    """Write `<name>.onnx` (plus `<name>.onnx.data` when over 2 GB); return the file names written."""
+    graph_name = f"{spec.name}.onnx"
+    args = tuple(torch.from_numpy(a) for a in example.values())
+    dynamic_axes = {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+                    for name, (shape, _) in spec.inputs.items()}
+    dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
+    if dynamic_axes:  # only the UNet batch varies; its output follows it
+        batch_axis = next(iter(dynamic_axes.values()))
+        dynamic_axes.update({name: batch_axis for name in spec.outputs})
+    # The TorchScript exporter: 10x faster than dynamo on these models, same numbers (FIELD-NOTES.md).
+    # It scatters >2 GB weights over hundreds of files, so export to scratch and gather them.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{spec.name}-export-") as scratch:
+        scratch_path = Path(scratch) / graph_name
+        try:
+            with torch.no_grad():
+                torch.onnx.export(spec.module, args, str(scratch_path), input_names=list(spec.inputs),
+                                  output_names=spec.outputs, dynamic_axes=dynamic_axes or None,
+                                  opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        except Exception as e:  # the exporter raises many types; name the component
+            raise ExportError(f"Exporting {spec.name} to ONNX failed: {type(e).__name__}: {e}") from e
+        model = onnx.load(str(scratch_path), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        data_name = f"{graph_name}.data"
+        onnx.save_model(model, str(out_dir / graph_name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        return [graph_name, data_name]
+    onnx.save_model(model, str(out_dir / graph_name))
+    return [graph_name]
+
+
+def export_component(spec: ComponentExport, out_dir: Path, vocab_size: int) -> dict:
+    """Export one component into `out_dir`, validate it, and return its manifest entry."""
+    largest = {d: max(v) for d, v in spec.dim_values.items()}
+    example = _example_inputs(spec, vocab_size, largest)
+    files = _export_graph(spec, example, out_dir)
+
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), flops:
+        reference = spec.module(*(torch.from_numpy(a) for a in example.values()))
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    entry = {
+        "file": files[0],
+        "sha256": {name: file_sha256(out_dir / name) for name in files},
+        "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, (s, d) in spec.inputs.items()],
+        "outputs": [{"name": n} for n in spec.outputs],
+        "dim_values": spec.dim_values,
+        "precision": "fp32",
+        "parameters": sum(p.numel() for p in spec.module.parameters()),
+        "flops": flops.get_total_flops(),  # at the largest batch the graph accepts
+    }
+    session = OnnxRuntimeBackend().load(out_dir, {"components": {spec.name: entry}}, spec.name)
+    got = session.run(example)
+    diffs, scale = [], 0.0
+    for name, ref in zip(spec.outputs, reference):
+        ref = ref.numpy()
+        diffs.append(float(np.abs(got[name] - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    tolerance = VALIDATION_RTOL * max(1.0, scale)
+    entry["validation"] = {"max_abs_diff": max(diffs), "tolerance": tolerance, "max_abs_reference": scale,
+                           "seed": VALIDATION_SEED, "runtime": "onnxruntime-cpu"}
+    if not max(diffs) <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"The exported {spec.name} graph differs from the torch module by {max(diffs):.3g} "
+            f"(tolerance {tolerance:.3g}). This is an exporter problem, not an input problem; "
+            "rerun with --debug and report it.")
+    return entry
+
+
+def copy_tokenizer(tokenizer, out_dir: Path) -> dict:
+    """Save the tokenizer files the runtime's `tokenizers` loader reads; return the manifest entry."""
+    target = out_dir / "tokenizer"
+    tokenizer.save_pretrained(str(target))
+    if not (target / "tokenizer.json").is_file():
+        shutil.rmtree(target)
+        raise ExportError("The model's tokenizer could not be saved as tokenizer.json (a fast tokenizer is "
+                          "needed by the runtime). Use a model whose tokenizer folder has tokenizer.json.")
+    return {"path": "tokenizer", "max_length": int(tokenizer.model_max_length),
+            "pad_token_id": int(tokenizer.pad_token_id), "bos_token_id": int(tokenizer.bos_token_id),
+            "eos_token_id": int(tokenizer.eos_token_id)}

@@ -1,0 +1,363 @@
+"""Random-weight Stable Diffusion models of real architectures, with an LCM-LoRA and a style LoRA.
+
+No weights can be downloaded where lcmrt is built and tested, so every command can instead run on a model
+generated here: the real SD1.5 architecture (`full`, for benchmarks) or the same block types at a tiny width
+(`tiny`, seconds to build, for tests and the README demo). Next to the model go two LoRA files in the
+formats met in the field: an LCM-LoRA in kohya format like `latent-consistency/lcm-lora-sdv1-5` (LCM-LoRA:
+arXiv 2311.05556) and a style LoRA in diffusers/peft format on the UNet and the text encoder.
+
+The CLIP tokenizer is trained here too: CLIP's pipeline (normalizer, split regex, byte-level BPE with
+`</w>` word ends, `<|startoftext|>`/`<|endoftext|>`) on a small built-in prompt corpus, because the real
+49408-token vocabulary cannot be downloaded. Everything is seeded: the same seed writes the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save
+
+from ..errors import InputError
+from ..families import SD15_SCHEDULER
+
+# Module names the real LCM-LoRA for SD1.5 trains (FIELD-NOTES.md, "LoRA"); a UNet module is a target
+# when its dotted name ends with one of these.
+LCM_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+STYLE_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+STYLE_TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+# Style LoRAs in the field were written against transformers 4's CLIPTextModel, whose layers sit under
+# `text_model.`; transformers 5 dropped that level and diffusers maps the old names onto it.
+STYLE_KEY_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
+
+# LoRA up factors are drawn with this std times 1/sqrt(rank): with down factors at 1/sqrt(fan_in) the
+# update is a few percent of a default-initialized weight, visible in outputs without swamping them.
+LORA_UP_STD = 0.1
+
+TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also CLIP's pad and unk token
+# BPE stops merging when no pair occurs this often: rarer merges would only memorize single words.
+BPE_MIN_PAIR_COUNT = 2
+
+
+@dataclass(frozen=True)
+class RandomModelPreset:
+    """One (arch, size): component configs plus the shapes of the LoRAs that go with them."""
+
+    unet: dict  # UNet2DConditionModel kwargs
+    vae: dict  # AutoencoderKL kwargs
+    text_encoder: dict  # CLIPTextConfig kwargs; vocab_size None means the tokenizer's size
+    lcm_rank: int
+    lcm_alpha: float  # != rank so that the alpha / rank scaling is exercised
+    style_rank: int  # style LoRA has no alpha keys: alpha = rank
+
+
+SD15_FULL = RandomModelPreset(
+    # The SD1.5 UNet (859.5M params); the bare UNet2DConditionModel default has cross_attention_dim 1280.
+    unet=dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    vae=dict(
+        sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, scaling_factor=0.18215,
+    ),
+    # CLIP ViT-L/14's text tower
+    text_encoder=dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=768,
+    ),
+    lcm_rank=64, lcm_alpha=32.0, style_rank=16,
+)
+
+SD15_TINY = RandomModelPreset(
+    # Same block types as SD1.5 (so every LCM-LoRA target exists), 16x16 latents = 128x128 images.
+    unet=dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ),
+    vae=dict(
+        sample_size=128, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 32, 32),  # four blocks: the same 8x downscale as SD's VAE
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, scaling_factor=0.18215,
+    ),
+    text_encoder=dict(
+        vocab_size=None, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=32,
+    ),
+    lcm_rank=8, lcm_alpha=4.0, style_rank=4,
+)
+
+PRESETS: dict[tuple[str, str], RandomModelPreset] = {
+    ("sd15", "tiny"): SD15_TINY,
+    ("sd15", "full"): SD15_FULL,
+}
+
+# The scheduler SD1.5 ships (PNDM); LCMScheduler.from_config reads the same betas from it.
+SD15_PNDM_SCHEDULER = {
+    "num_train_timesteps": SD15_SCHEDULER["num_train_timesteps"],
+    "beta_start": SD15_SCHEDULER["beta_start"],
+    "beta_end": SD15_SCHEDULER["beta_end"],
+    "beta_schedule": SD15_SCHEDULER["beta_schedule"],
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+# Prompt-like English the tokenizer is trained on. Word frequencies decide the merges, so common
+# prompt words end up as one or two tokens, as with the real CLIP vocabulary.
+TOKENIZER_CORPUS = """
+a photo of a cat sitting on a wooden table, high quality, detailed
+a photograph of an astronaut riding a horse on the moon, cinematic lighting
+portrait of a young woman with red hair, soft light, bokeh, 85mm lens
+a painting of a lighthouse by the sea at sunset, oil on canvas, impressionist style
+a cute dog wearing sunglasses, studio lighting, sharp focus, highly detailed
+an old man reading a book in a library, warm colors, dramatic shadows
+a futuristic city at night with neon lights and flying cars, digital art
+a bowl of fruit on a kitchen counter, still life, natural light
+a mountain landscape with a lake and pine trees, morning fog, beautiful scenery
+a red sports car driving through the desert, motion blur, photorealistic
+a castle on a hill under a starry sky, fantasy art, magical atmosphere
+a close up of a flower with water drops, macro photography, vibrant colors
+a robot playing the piano in a concert hall, concept art, trending on artstation
+a watercolor painting of a small village in the snow, winter evening
+a black and white photo of a street in paris, rainy day, people with umbrellas
+a dragon flying over the ocean, epic, dramatic clouds, golden hour
+a cozy cabin in the forest, autumn leaves, smoke from the chimney
+an illustration of a fox in a green meadow, children book style, soft pastel colors
+a bird sitting on a branch, spring blossoms, shallow depth of field
+a pirate ship in a storm, huge waves, lightning, dark sky
+a plate of pasta with tomato sauce and basil, food photography
+a knight in shining armor holding a sword, medieval, heroic pose
+an abstract pattern of circles and lines, minimal, geometric design
+a paper cut style landscape with layered hills and a river, papercut art
+a cyberpunk girl with headphones, pink and blue light, anime style
+a tiger walking through the jungle, national geographic, award winning photo
+a glass of wine on a balcony overlooking the city, evening light
+a steampunk airship above the clouds, brass and copper, intricate details
+a snowy mountain peak at sunrise, clear blue sky, wide angle
+a teddy bear having a picnic in the park, sunny day, happy
+the interior of a modern living room, white walls, large windows, plants
+a beautiful garden with roses and a stone fountain, summer afternoon
+a sketch of a horse, pencil drawing, simple lines
+ugly, blurry, low quality, bad anatomy, extra fingers, watermark, text, deformed
+masterpiece, best quality, ultra realistic, 4k, 8k, hdr, unreal engine, octane render
+"""
+
+
+def get_preset(arch: str, size: str) -> RandomModelPreset:
+    try:
+        return PRESETS[(arch, size)]
+    except KeyError:
+        choices = ", ".join(f"--arch {a} --size {s}" for a, s in PRESETS)
+        raise InputError(f"No random model for arch {arch!r} and size {size!r}; choose one of: {choices}.") from None
+
+
+def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: int = 0,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Write OUT/model (a diffusers folder), OUT/lcm-lora.safetensors and OUT/style-lora.safetensors."""
+    out = Path(out)
+    preset = get_preset(arch, size)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists. Pass --overwrite to replace it, or choose another folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to OUT and rename at the end, so an interrupted run never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; OUT should be an ordinary folder
+    try:
+        pipe = build_pipeline(preset, seed)
+        pipe.save_pretrained(tmp / "model", safe_serialization=True)
+        lcm, lcm_meta = lcm_lora_state_dict(pipe.unet, preset, seed)
+        save_safetensors(tmp / "lcm-lora.safetensors", lcm, lcm_meta)
+        save_safetensors(tmp / "style-lora.safetensors",
+                         style_lora_state_dict(pipe.unet, pipe.text_encoder, preset, seed))
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"model": out / "model", "lcm_lora": out / "lcm-lora.safetensors",
+            "style_lora": out / "style-lora.safetensors"}
+
+
+def build_pipeline(preset: RandomModelPreset, seed: int):
+    """A StableDiffusionPipeline with freshly initialized weights (torch's default inits, seeded)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer()
+    te_config = dict(preset.text_encoder)
+    te_config["vocab_size"] = te_config["vocab_size"] or len(tokenizer)
+    # CLIPTextModel pools at the first eos_token_id, so the ids must be the tokenizer's own.
+    te_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**preset.unet)
+        vae = AutoencoderKL(**preset.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=PNDMScheduler(**SD15_PNDM_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+# ---------------------------------------------------------------------------------------------- LoRAs
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """safetensors' own writer, with the metadata in sorted order so the bytes depend on the content only.
+
+    safetensors keeps metadata in a hash map: with more than one entry its order changes between processes.
+    """
+    blob = save(tensors, metadata=metadata)
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_len])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    # offsets count from the end of the header, which stays padded to 8 bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + header_len:])
+
+
+def target_modules(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) for every Linear/Conv2d whose dotted name ends with one of `suffixes`, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if any(name == s or name.endswith("." + s) for s in suffixes):
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                raise TypeError(f"LoRA target {name} is a {type(module).__name__}, not Linear or Conv2d")
+            found.append((name, module))
+    return found
+
+
+def _lora_factors(module: torch.nn.Module, rank: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(down, up) as peft and kohya store them: linear [r, in] / [out, r]; conv [r, in, kh, kw] / [out, r, 1, 1]."""
+    weight_shape = tuple(module.weight.shape)  # linear [out, in]; conv [out, in, kh, kw]
+    out_features, in_shape = weight_shape[0], weight_shape[1:]
+    down = rng.standard_normal((rank, *in_shape)) / np.sqrt(np.prod(in_shape))
+    up = rng.standard_normal((out_features, rank) + (1,) * (len(weight_shape) - 2)) * (LORA_UP_STD / np.sqrt(rank))
+    return down, up
+
+
+def lcm_lora_state_dict(unet, preset: RandomModelPreset, seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """An LCM-LoRA shaped like lcm-lora-sdv1-5: kohya keys, fp16, UNet only, with alpha; and kohya metadata."""
+    rng = np.random.default_rng([seed, 1])
+    tensors = {}
+    for name, module in target_modules(unet, LCM_LORA_TARGETS):
+        down, up = _lora_factors(module, preset.lcm_rank, rng)
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down.astype(np.float16)
+        tensors[f"{key}.lora_up.weight"] = up.astype(np.float16)
+        tensors[f"{key}.alpha"] = np.array(preset.lcm_alpha, dtype=np.float16)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(preset.lcm_rank),
+        "ss_network_alpha": str(preset.lcm_alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_output_name": "lcm-lora-random",
+    }
+    return tensors, metadata
+
+
+def style_lora_state_dict(unet, text_encoder, preset: RandomModelPreset, seed: int) -> dict[str, np.ndarray]:
+    """A style LoRA in diffusers/peft format (`unet.*`, `text_encoder.text_model.*`, lora_A/lora_B, fp32, no alpha)."""
+    rng = np.random.default_rng([seed, 2])
+    tensors = {}
+    for component, model, suffixes in (("unet", unet, STYLE_UNET_TARGETS),
+                                       ("text_encoder", text_encoder, STYLE_TEXT_TARGETS)):
+        prefix = STYLE_KEY_PREFIXES[component]
+        for name, module in target_modules(model, suffixes):
+            name = name.removeprefix("text_model.")  # in case transformers brings the level back
+            down, up = _lora_factors(module, preset.style_rank, rng)
+            tensors[f"{prefix}{name}.lora_A.weight"] = down.astype(np.float32)
+            tensors[f"{prefix}{name}.lora_B.weight"] = up.astype(np.float32)
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character map, in CLIP's vocabulary order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def train_clip_bpe(corpus: str = TOKENIZER_CORPUS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Deterministic BPE in CLIP's vocabulary layout: 256 bytes, 256 bytes + `</w>`, merges, then specials.
+
+    Having every byte with and without `</w>` means no input ever maps to the unknown token.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    # The corpus is lowercase ASCII words, which the byte-level map leaves unchanged.
+    word_counts = Counter(re.findall(r"[a-z]+", corpus.lower()))
+    words = {w: (*w[:-1], w[-1] + "</w>") for w in sorted(word_counts)}
+    merges = []
+    while True:
+        pairs = Counter()
+        for w, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += word_counts[w]
+        if not pairs:
+            break
+        # Most frequent pair; ties go to the lexicographically smallest, so training is deterministic.
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < BPE_MIN_PAIR_COUNT:
+            break
+        merges.append(best)
+        merged = best[0] + best[1]
+        for w, symbols in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[w] = tuple(out)
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {}
+    for t in tokens:  # a merge can rebuild a string already in the vocabulary; keep its first id
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
+def build_clip_tokenizer():
+    """transformers' CLIPTokenizer (CLIP's normalizer, pre-tokenizer and post-processor) on our vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = train_clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=merges, unk_token=EOS_TOKEN, bos_token=BOS_TOKEN,
+                         eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, model_max_length=TOKENIZER_MAX_LENGTH)
