@@ -39,8 +39,9 @@ STYLE_TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 # `text_model.`; transformers 5 dropped that level and diffusers maps the old names onto it.
 STYLE_KEY_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
 
-# LoRA up factors are drawn with this std times 1/sqrt(rank): with down factors at 1/sqrt(fan_in) the
-# update is a few percent of a default-initialized weight, visible in outputs without swamping them.
+# LoRA up factors are drawn with this std times 1/sqrt(rank), down factors with 1/sqrt(fan_in): each
+# layer's update is about a tenth of its default-initialized weight. Measured on the UNet's output
+# (16x16 latent): LCM-LoRA moves it by 18% (tiny) / 24% (full), the style LoRA by 4% / 5%.
 LORA_UP_STD = 0.1
 
 TOKENIZER_MAX_LENGTH = 77  # CLIP's context length

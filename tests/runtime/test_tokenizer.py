@@ -84,3 +84,11 @@ def test_other_length_and_pad(folder, reference):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(EngineFolderError, match="tokenizer.json is missing"):
         PromptTokenizer(tmp_path, max_length=77, pad_token_id=0)
+
+
+def test_runtime_tokenizer_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lcmrt.tokenizer; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
