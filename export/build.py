@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -34,6 +35,15 @@ class BuildRequest:
     config: str | None = None
     allow_pickle: bool = False
     overwrite: bool = False
+    refittable: bool = False  # keep style LoRAs unfused, swappable at run time
+    refittable_lcm: bool = False  # keep the LCM-LoRA unfused too
+
+    @property
+    def keeps_refit_map(self) -> bool:
+        return self.refittable or self.refittable_lcm
+
+    def is_refittable(self, spec) -> bool:
+        return self.refittable_lcm if spec.role == "lcm" else self.refittable
 
 
 def check_request(req: BuildRequest) -> None:
@@ -76,6 +86,32 @@ def atomic_folder(out: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def library_output_silenced():
+    """No progress bars, log lines or warnings from diffusers, transformers and torch.onnx while building.
+
+    lcmrt shows its own progress (and nothing with --quiet); the tracer's and the loaders' warnings are about
+    their internals, and every exported graph is validated against torch anyway.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lib, _, _ in saved:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for lib, verbosity, bars in saved:
+                lib.set_verbosity(verbosity)
+                if bars:
+                    lib.enable_progress_bar()
+
+
 def build_shapes(family, req: BuildRequest) -> dict:
     unet_batches = [req.batch] if req.guidance_mode == "none" else [req.batch, 2 * req.batch]
     return {
@@ -102,27 +138,47 @@ def build_engine_folder(req: BuildRequest, stages: Stages | None = None) -> dict
     """Run the whole build; return the manifest written to `req.out/manifest.json`."""
     check_request(req)
     stages = stages or Stages()
+    with library_output_silenced():
+        return _build(req, stages)
+
+
+def _build(req: BuildRequest, stages: Stages) -> dict:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
+    from .adapters import REFITTABLE_COMPONENTS, build_refit_map, model_configs, pack_adapter
     from .loading import load_model
     from .lora import fuse_loras
-    from .onnx_export import OPSET, component_exports, copy_tokenizer, export_component
+    from .onnx_export import OPSET, component_exports, copy_tokenizer, export_component, graph_hashes
 
     with stages.stage("load model"):
         loaded = load_model(req.model, config=req.config, allow_pickle=req.allow_pickle)
     pipe, family = loaded.pipe, get_family(loaded.family)
+    loras = [req.lcm_lora, *req.loras]
     with stages.stage("fuse LoRAs"):
+        fused = [spec for spec in loras if not req.is_refittable(spec)]
         adapters = [{**record, "fused": True}
-                    for record in fuse_loras(pipe, [req.lcm_lora, *req.loras], allow_pickle=req.allow_pickle)]
+                    for record in fuse_loras(pipe, fused, allow_pickle=req.allow_pickle)]
     shapes = build_shapes(family, req)
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 
     with atomic_folder(req.out, req.overwrite) as tmp:
+        if req.keeps_refit_map:
+            with stages.stage("pack adapters"):
+                adapters += [pack_adapter(pipe, spec, tmp, req.allow_pickle)
+                             for spec in loras if req.is_refittable(spec)]
         components = {}
         for spec in component_exports(pipe, shapes):
             with stages.stage(f"export {spec.name}"):
                 components[spec.name] = export_component(spec, tmp, vocab_size=pipe.text_encoder.config.vocab_size)
+        refit_map = {}
+        if req.keeps_refit_map:
+            with stages.stage("refit map"):
+                required = {m for a in adapters if not a["fused"] for m in a["targets"]}
+                refit_map = build_refit_map(
+                    pipe, {c: tmp / components[c]["file"] for c in REFITTABLE_COMPONENTS}, required)
+                for c in REFITTABLE_COMPONENTS:  # the graphs were rewritten with external weights
+                    components[c]["sha256"] = graph_hashes(tmp, components[c]["file"])
         with stages.stage("write manifest"):
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -135,7 +191,9 @@ def build_engine_folder(req: BuildRequest, stages: Stages | None = None) -> dict
                 "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor)},
                 "components": components,
                 "adapters": adapters,
-                "refit_map": {},
+                "refittable": req.keeps_refit_map,
+                "refit_map": refit_map,
+                "model_configs": model_configs(pipe) if req.keeps_refit_map else None,
                 "engines": [],
                 "versions": _versions(),
                 "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

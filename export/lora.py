@@ -360,17 +360,33 @@ def fuse_loras(pipe, loras: list[LoraSpec], allow_pickle: bool = False) -> list[
                         f"(e.g. {', '.join(leaks[:_FEW])}); the fuse did not complete.")
     errors = _verify(pipe, loras, matches, before)
 
-    records = []
-    for (spec, sd, fmt, modules), match, err in zip(files, matches, errors):
-        counts = {c: sum(k[0] == c for k in match) for c in COMPONENTS}
-        records.append({
-            "name": spec.name, "role": spec.role, "path": str(spec.path), "sha256": sha256_file(spec.path),
-            "format": fmt, "weight": spec.weight, "modules": counts,
-            "ranks": sorted({m.rank for m in modules.values()}),
-            "alphas": sorted({m.alpha for m in modules.values()}),
-            "max_fuse_error": err,
-        })
-    return records
+    return [_record(spec, fmt, modules, match, err)
+            for (spec, sd, fmt, modules), match, err in zip(files, matches, errors)]
+
+
+def locate_lora(pipe, spec: LoraSpec, allow_pickle: bool = False) -> tuple[dict, dict[tuple[str, str], _FileModule]]:
+    """Find the layer each module of one LoRA targets, without fusing: diffusers loads it, the file's modules
+    are matched to the wrapped layers by value, and the LoRA is unloaded again. Returns (record, matches)."""
+    sd, metadata = read_lora_file(spec.path, allow_pickle)
+    fmt, modules = group_modules(spec.path, sd, metadata)
+    try:
+        _load(pipe, spec, sd, modules)
+        match = _match(spec, modules, _wrapped_layers(pipe, spec.name))
+    finally:
+        if _wrapped_layers(pipe):
+            pipe.unload_lora_weights()
+    return _record(spec, fmt, modules, match, None), match
+
+
+def _record(spec: LoraSpec, fmt: str, modules: dict, match: dict, fuse_error: float | None) -> dict:
+    """The manifest record of one LoRA."""
+    return {
+        "name": spec.name, "role": spec.role, "path": str(spec.path), "sha256": sha256_file(spec.path),
+        "format": fmt, "weight": spec.weight, "modules": {c: sum(k[0] == c for k in match) for c in COMPONENTS},
+        "ranks": sorted({m.rank for m in modules.values()}),
+        "alphas": sorted({m.alpha for m in modules.values()}),
+        "max_fuse_error": fuse_error,
+    }
 
 
 def _load(pipe, spec: LoraSpec, sd: dict, modules: dict[str, _FileModule]) -> None:

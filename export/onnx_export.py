@@ -130,7 +130,8 @@ def _example_inputs(spec: ComponentExport, vocab_size: int, batch_for: dict[str,
     return arrays
 
 
-def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir: Path) -> list[str]:
+def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir: Path,
+                  output_shapes: list[list]) -> list[str]:
     """Write `<name>.onnx` (plus `<name>.onnx.data` when over 2 GB); return the file names written."""
     graph_name = f"{spec.name}.onnx"
     args = tuple(torch.from_numpy(a) for a in example.values())
@@ -152,6 +153,14 @@ def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir
         except Exception as e:  # the exporter raises many types; name the component
             raise ExportError(f"Exporting {spec.name} to ONNX failed: {type(e).__name__}: {e}") from e
         model = onnx.load(str(scratch_path), load_external_data=True)
+    # The tracer leaves some output dims symbolic (the VAE encoder's, after the moments split) although
+    # the inputs are static; declare the shapes the torch module produced.
+    for output, shape in zip(model.graph.output, output_shapes):
+        for dim, size in zip(output.type.tensor_type.shape.dim, shape):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
     weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data_name = f"{graph_name}.data"
@@ -166,17 +175,21 @@ def export_component(spec: ComponentExport, out_dir: Path, vocab_size: int) -> d
     """Export one component into `out_dir`, validate it, and return its manifest entry."""
     largest = {d: max(v) for d, v in spec.dim_values.items()}
     example = _example_inputs(spec, vocab_size, largest)
-    files = _export_graph(spec, example, out_dir)
-
     flops = FlopCounterMode(display=False)
     with torch.no_grad(), flops:
         reference = spec.module(*(torch.from_numpy(a) for a in example.values()))
     reference = reference if isinstance(reference, tuple) else (reference,)
+    # only the UNet's batch varies, and its output follows it (axis 0)
+    batch_dim = next(iter(spec.dim_values), None)
+    output_shapes = [[batch_dim if batch_dim and i == 0 else n for i, n in enumerate(r.shape)] for r in reference]
+    files = _export_graph(spec, example, out_dir, output_shapes)
+
     entry = {
         "file": files[0],
-        "sha256": {name: file_sha256(out_dir / name) for name in files},
+        "sha256": graph_hashes(out_dir, files[0]),
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, (s, d) in spec.inputs.items()],
-        "outputs": [{"name": n} for n in spec.outputs],
+        "outputs": [{"name": n, "shape": shape, "dtype": str(r.numpy().dtype)}
+                    for n, shape, r in zip(spec.outputs, output_shapes, reference)],
         "dim_values": spec.dim_values,
         "precision": "fp32",
         "parameters": sum(p.numel() for p in spec.module.parameters()),
@@ -198,6 +211,12 @@ def export_component(spec: ComponentExport, out_dir: Path, vocab_size: int) -> d
             f"(tolerance {tolerance:.3g}). This is an exporter problem, not an input problem; "
             "rerun with --debug and report it.")
     return entry
+
+
+def graph_hashes(out_dir: Path, graph_name: str) -> dict[str, str]:
+    """sha256 of a graph file and of its external data file, if it has one."""
+    files = [graph_name] + ([f"{graph_name}.data"] if (out_dir / f"{graph_name}.data").is_file() else [])
+    return {name: file_sha256(out_dir / name) for name in files}
 
 
 def copy_tokenizer(tokenizer, out_dir: Path) -> dict:

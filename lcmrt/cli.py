@@ -77,9 +77,12 @@ def _console(quiet: bool):
 @click.option("--config", help="Diffusers folder or config for a single-file checkpoint (needed offline).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .ckpt/.bin/.pt files (they can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--refittable", is_flag=True,
+              help="Keep the --lora adapters unfused, swappable at run time (set_adapters, --adapter).")
+@click.option("--refittable-lcm", is_flag=True, help="Keep the LCM-LoRA unfused too, so its weight can change.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, quiet):
+          overwrite, refittable, refittable_lcm, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
@@ -92,7 +95,8 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
     request = BuildRequest(
         model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
         loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
-        guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite)
+        guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
+        refittable=refittable, refittable_lcm=refittable_lcm)
     console = _console(quiet)
     manifest = build_engine_folder(request, Stages(console))
     if console is not None:
@@ -111,8 +115,9 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
         table.add_row(name, f"{size / 1e6:.1f}", f"{entry['parameters'] / 1e6:.2f}M",
                       f"{entry['validation']['max_abs_diff']:.2e}", f"{seconds.get(f'export {name}', 0):.1f}")
     console.print(table)
-    adapters = ", ".join(f"{a['name']}:{a['weight']:g}" for a in manifest["adapters"])
-    console.print(f"fused adapters: {adapters}; total {sum(seconds.values()):.1f} s")
+    adapters = ", ".join(f"{a['name']}:{a['weight']:g} ({'fused' if a['fused'] else 'refittable'})"
+                         for a in manifest["adapters"])
+    console.print(f"adapters: {adapters}; total {sum(seconds.values()):.1f} s")
     console.print(f"[bold]engine folder:[/bold] {out}")
 
 
@@ -125,16 +130,18 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the PNG).")
 @click.option("--num-images", default=1, show_default=True)
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
+              help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
 @click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG path; with several images, -0, -1, ... are appended to the name.")
-def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, output):
+def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, adapters, output):
     """Generate images for PROMPT with the engine folder FOLDER."""
     from . import __version__
     from .images import save_png
     from .pipeline import Pipeline
 
     load_start = time.perf_counter()
-    pipe = Pipeline.load(folder, backend=backend)
+    pipe = Pipeline.load(folder, backend=backend, adapters=_adapter_weights(adapters) if adapters else None)
     load_seconds = time.perf_counter() - load_start
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   seed=seed, num_images=num_images)
@@ -152,6 +159,19 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
                f"total {t['total']:.2f} s (seed {pipe.last_seed})", err=True)
     for path in paths:
         click.echo(str(path))
+
+
+def _adapter_weights(texts) -> dict[str, float]:
+    from .errors import InputError
+
+    weights = {}
+    for text in texts:
+        name, _, weight = text.rpartition(":")
+        try:
+            weights[name or weight] = float(weight) if name else 1.0
+        except ValueError:
+            raise InputError(f"--adapter {text!r}: expected NAME:WEIGHT, e.g. papercut:0.8.") from None
+    return weights
 
 
 @cli.command()
@@ -192,6 +212,40 @@ def info(folder, as_json):
         adapters.add_row(a["name"], a["role"], f"{a['weight']:g}", str(a["fused"]), a["format"],
                          ", ".join(f"{k} {v}" for k, v in a["modules"].items()))
     console.print(adapters)
+
+
+@cli.group()
+def adapter():
+    """Add and list the swappable adapters of a refittable engine folder."""
+
+
+@adapter.command("add")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Adapter name (default: the file's stem).")
+@click.option("--allow-pickle", is_flag=True, help="Allow a pickled .bin/.pt/.ckpt LoRA (it can run code).")
+def adapter_add(folder, file, name, allow_pickle):
+    """Convert the LoRA FILE (kohya, peft or diffusers format) into an adapter of FOLDER."""
+    from .export.adapters import add_adapter
+    from .export.lora import LoraSpec
+
+    record = add_adapter(folder, LoraSpec(file, weight=0.0, name=name), allow_pickle=allow_pickle)
+    click.echo(f"added adapter {record['name']!r} ({record['format']}, rank {', '.join(map(str, record['ranks']))}, "
+               f"{sum(record['modules'].values())} modules) to {folder}; use it with "
+               f"`lcmrt generate {folder} PROMPT --adapter {record['name']}:1.0`")
+
+
+@adapter.command("list")
+@click.argument("folder", type=click.Path(path_type=Path))
+def adapter_list(folder):
+    """List the adapters of FOLDER: fused ones and swappable ones with their default weights."""
+    from .manifest import load_manifest
+
+    for a in load_manifest(folder)["adapters"]:
+        kind = "fused" if a["fused"] else "refittable"
+        modules = ", ".join(f"{k} {v}" for k, v in a["modules"].items() if v)
+        click.echo(f"{a['name']:<20} {kind:<10} weight {a['weight']:<6g} rank {'/'.join(map(str, a['ranks']))} "
+                   f"({modules}) from {a['path']}")
 
 
 def main():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .errors import EngineFolderError
@@ -27,8 +28,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write (or replace) the manifest atomically: readers see the old or the new one, never half of one."""
     path = Path(folder) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapters import AdapterBank
 from .backends import get_backend
-from .errors import GenerationError, InputError
+from .errors import AdapterError, GenerationError, InputError
 from .images import to_pil
 from .manifest import load_manifest, verify_component
 from .sampler import LCMSampler
@@ -27,34 +28,67 @@ RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: dict, sessions: dict, tokenizer: PromptTokenizer, backend_name: str):
+    def __init__(self, folder: Path, manifest: dict, sessions: dict, tokenizer: PromptTokenizer, backend_name: str,
+                 bank: AdapterBank, active: dict[str, float]):
         self.folder = folder
         self.manifest = manifest
         self.sessions = sessions
         self.tokenizer = tokenizer
         self.backend = backend_name
+        self._bank = bank
+        self._active = active  # refittable adapters -> weight (0 = inactive)
         self.shapes = manifest["shapes"]
         self.scheduler_config = manifest["scheduler"]["config"]
         self.last_timings: dict = {}
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "auto", **backend_options) -> "Pipeline":
+    def load(cls, folder: str | Path, backend: str = "auto", adapters: dict[str, float] | None = None,
+             **backend_options) -> "Pipeline":
+        """Load an engine folder. `adapters` sets the refittable adapters' weights from the start
+        (default: the weights they were built with)."""
         folder = Path(folder)
         manifest = load_manifest(folder)
         engine = get_backend(backend, **backend_options)
+        bank = AdapterBank(folder, manifest)
+        active = bank.check(bank.defaults() if adapters is None else adapters)
+        initial = bank.weights_for({}, active)
         sessions = {}
         for name in RUNTIME_COMPONENTS:
             verify_component(folder, manifest, name)
-            sessions[name] = engine.load(folder, manifest, name)
+            sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
         tok = manifest["tokenizer"]
         tokenizer = PromptTokenizer(folder / tok["path"], max_length=tok["max_length"], pad_token_id=tok["pad_token_id"])
-        return cls(folder, manifest, sessions, tokenizer, engine.name)
+        return cls(folder, manifest, sessions, tokenizer, engine.name, bank, active)
 
     @property
     def adapters(self) -> dict[str, float]:
-        """The adapters in effect and their weights."""
-        return {a["name"]: a["weight"] for a in self.manifest["adapters"]}
+        """The adapters in effect and their weights: fused ones at their build weight, active refittable ones."""
+        active = {name: weight for name, weight in self._active.items() if weight != 0.0}
+        return {**self._bank.fused, **active}
+
+    def set_adapters(self, adapters: dict[str, float]) -> None:
+        """Switch the refittable adapters to `adapters` ({name: weight}; unlisted ones are switched off).
+
+        Weights are computed from the pristine base, so any sequence of switches ends in the same state as
+        switching once. Transactional: every new weight is computed before any is applied, and if applying
+        fails, the components already switched are restored and the previous set stays active."""
+        new = self._bank.check(adapters)
+        updates = self._bank.weights_for(self._active, new)
+        applied = []
+        try:
+            for component, weights in updates.items():
+                self.sessions[component].refit(weights)
+                applied.append(component)
+        except Exception as e:
+            restore = self._bank.weights_for(new, self._active)
+            for component in applied:
+                self.sessions[component].refit(restore[component])
+            raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
+                               f"still active: {e}") from e
+        self._active = new
+        if "text_encoder" in updates:
+            self._prompt_cache.clear()
 
     @property
     def supports_guidance(self) -> bool:
@@ -72,7 +106,12 @@ class Pipeline:
             self._prompt_cache.popitem(last=False)
         return embeds
 
-    def _check_request(self, num_inference_steps, guidance_scale, output, num_images):
+    def _check_request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, output, num_images, seed):
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, (str, type(None))):
+            raise InputError(f"prompt and negative_prompt must be strings, got {type(prompt).__name__} and "
+                             f"{type(negative_prompt).__name__}; for several images of one prompt pass num_images.")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+            raise InputError(f"seed={seed!r} must be a non-negative integer, or None for a random seed.")
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise GenerationError(f"num_inference_steps={num_inference_steps!r} is outside 1..{MAX_STEPS}; "
                                   "LCM needs 2-8 steps for good images (4 is the usual choice).")
@@ -99,11 +138,11 @@ class Pipeline:
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 4,
                  guidance_scale: float = 1.0, seed: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil"):
-        self._check_request(num_inference_steps, guidance_scale, output, num_images)
+        self._check_request(prompt, negative_prompt, num_inference_steps, guidance_scale, output, num_images, seed)
         sampler = LCMSampler.from_config(self.scheduler_config)
         sampler.set_timesteps(num_inference_steps)
         shape = self._latent_shape(num_images)
-        self.last_seed = secrets.randbits(32) if seed is None else seed
+        self.last_seed = secrets.randbits(32) if seed is None else int(seed)
         rng = np.random.default_rng(self.last_seed)
         latents = (rng.standard_normal(shape, dtype=np.float32) if latents is None
                    else self._check_array("latents", latents, shape))

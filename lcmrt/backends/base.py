@@ -39,5 +39,6 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    def load(self, folder: Path, manifest: dict, component: str) -> Session:
-        """Load `component` of the engine folder (the files were verified against the manifest)."""
+    def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> Session:
+        """Load `component` of the engine folder (the files were verified against the manifest).
+        `weights` (graph initializer name -> array) replace graph weights from the start, as `refit` would."""

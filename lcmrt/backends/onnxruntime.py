@@ -70,10 +70,10 @@ class OnnxRuntimeBackend(Backend):
         installed = ort.get_available_providers()
         return [device for device, provider in PROVIDERS.items() if provider in installed]
 
-    def load(self, folder: Path, manifest: dict, component: str) -> OrtSession:
+    def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
         return OrtSession(folder / manifest["components"][component]["file"], component, self._providers(folder),
-                          self.threads)
+                          self.threads, weights)
 
     def _providers(self, folder: Path) -> list:
         cpu = "CPUExecutionProvider"
@@ -95,15 +95,16 @@ class OnnxRuntimeBackend(Backend):
 
 
 class OrtSession(Session):
-    def __init__(self, path: Path, component: str, providers: list, threads: int | None):
+    def __init__(self, path: Path, component: str, providers: list, threads: int | None,
+                 weights: dict[str, np.ndarray] | None = None):
         self.path = Path(path)
         self.component = component
         self._providers = providers
         self.provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
         self._threads = threads
         # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
-        self._weights: dict[str, np.ndarray] = {}
         self._initializers: dict[str, tuple[TensorSpec, bool]] | None = None  # read on first refit
+        self._weights: dict[str, np.ndarray] = self._checked(weights) if weights else {}
         self._session = self._create(self._weights)
         self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()}
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
@@ -174,6 +175,13 @@ class OrtSession(Session):
             raise BackendError(
                 "The onnxruntime-trt backend cannot refit weights: its engine cache would keep the old "
                 "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
+        arrays = self._checked(weights)
+        merged = {**self._weights, **arrays}
+        session = self._create(merged)
+        self._session, self._weights = session, merged
+
+    def _checked(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Weights as C-contiguous arrays, after checking names, storage and shapes against the graph."""
         table = self._initializer_table()
         unknown = [name for name in weights if name not in table]
         if unknown:
@@ -195,9 +203,7 @@ class OrtSession(Session):
                     f"weight {name!r} of {self.path.name}: expected {_describe(spec.dtype, spec.shape)}, "
                     f"got {_describe(value.dtype, value.shape)}.")
             arrays[name] = np.require(value, requirements="C")
-        merged = {**self._weights, **arrays}
-        session = self._create(merged)
-        self._session, self._weights = session, merged
+        return arrays
 
     def _initializer_table(self) -> dict[str, tuple[TensorSpec, bool]]:
         if self._initializers is None:

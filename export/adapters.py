@@ -1,0 +1,189 @@
+"""Refittable adapters, build side: adapter packs and the refit map.
+
+An adapter pack (`adapters/NAME.safetensors`) holds one LoRA's low-rank factors keyed by lcmrt module
+names (`unet.<module path>`, `text_encoder.<module path>`), so the runtime can compute
+`W = W_base + sum_i w_i * scale_i * up_i @ down_i` with numpy alone. diffusers resolves each file's key
+format onto the model (lcmrt never converts formats itself) and `lora.locate_lora` proves where every
+module landed.
+
+The refit map says, for every Linear/Conv2d weight of the UNet and text encoder, which ONNX initializer
+holds it, whether the exporter transposed it (constant folding stores `x @ W.T` weights as `W.T`), and
+where its pristine bytes sit in the graph's external data file. It is derived by value: the initializer
+whose bytes equal the module's weight (or its transpose). A weight the exporter changed in any other way
+cannot be refit; if an adapter needs it, the build fails naming the module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from safetensors.numpy import save_file
+
+from ..errors import AdapterError
+from .lora import LoraSpec, locate_lora
+
+PACK_FORMAT = "lcmrt-adapter/1"
+REFITTABLE_COMPONENTS = ("text_encoder", "unet")
+# External data offsets aligned to pages, so the runtime (and ONNX Runtime) can memory-map each weight.
+_ALIGN = 4096
+
+
+def module_weights(pipe) -> dict[str, torch.Tensor]:
+    """Every LoRA-targetable weight: {"unet.<path>": weight} for Linear and Conv2d layers."""
+    weights = {}
+    for comp in REFITTABLE_COMPONENTS:
+        for name, module in getattr(pipe, comp).named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                weights[f"{comp}.{name}"] = module.weight.detach()
+    return weights
+
+
+def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, allow_pickle: bool = False) -> dict:
+    """Write `out_dir/adapters/<name>.safetensors` for one LoRA; return its manifest record (not fused)."""
+    record, modules = locate_lora(pipe, spec, allow_pickle)
+    tensors = {}
+    for (comp, mname), fm in modules.items():
+        key = f"{comp}.{mname}"
+        tensors[f"{key}.down"] = fm.down.float().contiguous().numpy()
+        tensors[f"{key}.up"] = fm.up.float().contiguous().numpy()
+        tensors[f"{key}.scale"] = np.array([fm.scale], dtype=np.float32)
+    pack = out_dir / "adapters" / f"{spec.name}.safetensors"
+    pack.parent.mkdir(exist_ok=True)
+    save_file(tensors, str(pack), metadata={"format": PACK_FORMAT, "name": spec.name,
+                                            "source_sha256": record["sha256"]})
+    return {**record, "fused": False, "pack": str(pack.relative_to(out_dir)),
+            "targets": sorted(f"{c}.{m}" for c, m in modules)}
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def build_refit_map(pipe, graphs: dict[str, Path], required: set[str]) -> dict:
+    """Map every module weight to its graph initializer and move those initializers to external data.
+
+    `graphs`: component -> .onnx path (rewritten in place). `required`: modules that adapters of this
+    folder target; each must be mapped or the build fails. Returns {module: entry}.
+    """
+    weights = module_weights(pipe)
+    refit_map, unmapped = {}, []
+    for comp, graph_path in graphs.items():
+        model = onnx.load(str(graph_path), load_external_data=False)
+        base_dir = graph_path.parent
+        by_digest: dict[tuple, list[str]] = {}
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT:
+                array = numpy_helper.to_array(init, base_dir=str(base_dir))
+                by_digest.setdefault((array.shape, _digest(array)), []).append(init.name)
+        found = {}
+        for module, weight in weights.items():
+            if not module.startswith(comp + "."):
+                continue
+            w = weight.numpy()
+            candidates = [(False, w)] + ([(True, w.T)] if w.ndim == 2 else [])
+            for transpose, layout in candidates:
+                names = by_digest.get((layout.shape, _digest(layout)), [])
+                if len(names) == 1:
+                    found[module] = (names[0], transpose, list(w.shape))
+                    break
+            else:
+                unmapped.append(module)
+        locations = _externalize(model, graph_path, {name for name, _, _ in found.values()})
+        for module, (name, transpose, shape) in found.items():
+            refit_map[module] = {"component": comp, "weight": name, "transpose": transpose, "shape": shape,
+                                 **locations[name]}
+    missing = sorted(required - set(refit_map))
+    if missing:
+        raise AdapterError(
+            f"{len(missing)} module(s) targeted by the adapters have no refittable weight in the exported "
+            f"graphs (the exporter folded or merged them), e.g. {', '.join(missing[:5])}. Build without "
+            "--refittable for these adapters (fuse them), or report the module names.")
+    return refit_map
+
+
+def _externalize(model: onnx.ModelProto, graph_path: Path, names: set[str]) -> dict[str, dict]:
+    """Store the named initializers in `<graph>.data` (page-aligned) and rewrite the graph; return each
+    initializer's {file, offset, length, dtype}. Graphs already fully external keep their data file."""
+    data_name = f"{graph_path.name}.data"
+    data_path = graph_path.parent / data_name
+    locations = {}
+    with open(data_path, "ab") as data:
+        for init in model.graph.initializer:
+            if init.name not in names:
+                continue
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                raw = numpy_helper.to_array(init).tobytes()
+                offset = -data.tell() % _ALIGN + data.tell()
+                data.write(b"\0" * (offset - data.tell()))
+                data.write(raw)
+                init.raw_data = raw  # set_external_data requires it; cleared right after
+                onnx.external_data_helper.set_external_data(init, data_name, offset, len(raw))
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+                init.ClearField("float_data")
+            info = {e.key: e.value for e in init.external_data}
+            locations[init.name] = {"file": info["location"], "offset": int(info.get("offset", 0)),
+                                    "length": int(info["length"]), "dtype": "float32"}
+    graph_path.write_bytes(model.SerializeToString())
+    if data_path.stat().st_size == 0:
+        data_path.unlink()
+    return locations
+
+
+def model_configs(pipe) -> dict:
+    """The UNet and text encoder configs, so `lcmrt adapter add` can rebuild the module tree offline."""
+    return {"unet": json.loads(json.dumps(dict(pipe.unet.config), default=list)),
+            "text_encoder": pipe.text_encoder.config.to_dict()}
+
+
+def _skeleton_pipeline(configs: dict):
+    """A StableDiffusionPipeline holding only a UNet and text encoder of the folder's architecture, with
+    uninitialized weights: enough for diffusers to resolve a LoRA's module names, at no init cost."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder.to_empty(device="cpu"), tokenizer=None,
+                                   unet=unet.to_empty(device="cpu"), scheduler=None, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dict:
+    """Convert a LoRA file into an adapter pack of an existing refittable engine folder; return its record."""
+    import os
+    import shutil
+
+    from ..manifest import load_manifest, write_manifest
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if not manifest.get("refittable"):
+        raise AdapterError(f"{folder} was built without --refittable, so it has no refit map and cannot take "
+                           "adapters. Rebuild it with `lcmrt build ... --refittable`.")
+    if any(a["name"] == spec.name for a in manifest["adapters"]):
+        raise AdapterError(f"{folder} already has an adapter named {spec.name!r}; choose another --name.")
+    scratch = folder / f".adapter-{spec.name}-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        record = pack_adapter(_skeleton_pipeline(manifest["model_configs"]), spec, scratch, allow_pickle)
+        unmapped = sorted(set(record["targets"]) - set(manifest["refit_map"]))
+        if unmapped:
+            raise AdapterError(
+                f"{len(unmapped)} module(s) of {spec.path} have no refittable weight in {folder}, e.g. "
+                f"{', '.join(unmapped[:5])}. This LoRA cannot be swapped into this folder; fuse it with "
+                "`lcmrt build --lora` instead.")
+        (folder / "adapters").mkdir(exist_ok=True)
+        os.replace(scratch / record["pack"], folder / record["pack"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    record = {**record, "weight": 0.0}  # an added adapter starts switched off
+    manifest["adapters"].append(record)
+    write_manifest(folder, manifest)
+    return record

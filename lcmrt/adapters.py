@@ -1,0 +1,108 @@
+"""Refittable adapters, runtime side: compute graph weights for an adapter set from pristine base weights.
+
+Every weight is computed from the base the build stored, never by patching the previously active set:
+
+    W = W_base + sum_i w_i * scale_i * up_i @ down_i
+
+so switching A -> B -> A gives A bit for bit, and weight 0 gives the base exactly. The base weights are
+memory-mapped from the graphs' external data (the page cache holds them, not the process heap).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from .errors import AdapterError
+
+ADAPTER_DIR = "adapters"
+
+
+class AdapterBank:
+    """The adapter packs and refit map of one engine folder."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder = Path(folder)
+        self.refit_map: dict = manifest.get("refit_map", {})
+        self.fused = {a["name"]: a["weight"] for a in manifest["adapters"] if a["fused"]}
+        self.refittable = {a["name"]: a for a in manifest["adapters"] if not a["fused"]}
+        self._packs: dict[str, dict[str, tuple]] = {}
+        self._base: dict[str, np.ndarray] = {}
+
+    def defaults(self) -> dict[str, float]:
+        """The refittable adapters' weights as built."""
+        return {name: a["weight"] for name, a in self.refittable.items()}
+
+    def check(self, adapters: dict[str, float]) -> dict[str, float]:
+        """Validate a requested set; return the full refittable set (unlisted adapters at weight 0)."""
+        requested = dict(adapters)
+        for name, weight in requested.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise AdapterError(f"Adapter {name!r} has weight {weight!r}; weights must be finite numbers.")
+            if name in self.fused:
+                if weight != self.fused[name]:
+                    raise AdapterError(
+                        f"Adapter {name!r} is fused into this folder's graphs at weight {self.fused[name]:g}, so "
+                        f"its weight cannot change to {weight:g}. Rebuild with --refittable"
+                        f"{'-lcm' if name == 'lcm' else ''} to make it swappable.")
+            elif name not in self.refittable:
+                known = ", ".join(sorted(self.refittable)) or "none"
+                raise AdapterError(f"Adapter {name!r} is not in {self.folder} (refittable adapters: {known}). "
+                                   f"Add it with `lcmrt adapter add {self.folder} FILE --name {name}`.")
+        return {name: float(requested.get(name, 0.0)) for name in self.refittable}
+
+    def pack(self, name: str) -> dict[str, tuple]:
+        """{module: (down [r, ...], up [out, r, ...], scale)} of one adapter, loaded once."""
+        if name not in self._packs:
+            path = self.folder / self.refittable[name]["pack"]
+            if not path.is_file():
+                raise AdapterError(f"Adapter pack {path} is missing. Re-add it with `lcmrt adapter add`.")
+            tensors = load_file(str(path))
+            modules = {key[: -len(".down")] for key in tensors if key.endswith(".down")}
+            self._packs[name] = {m: (tensors[f"{m}.down"], tensors[f"{m}.up"], float(tensors[f"{m}.scale"][0]))
+                                 for m in modules}
+        return self._packs[name]
+
+    def base(self, module: str) -> np.ndarray:
+        """The pristine graph weight of a module, in graph layout (read-only memory map)."""
+        if module not in self._base:
+            entry = self.refit_map[module]
+            shape = entry["shape"][::-1] if entry["transpose"] else entry["shape"]
+            self._base[module] = np.memmap(self.folder / entry["file"], dtype=np.dtype(entry["dtype"]), mode="r",
+                                           offset=entry["offset"], shape=tuple(shape))
+        return self._base[module]
+
+    def _contributions(self, active: dict[str, float]) -> dict[str, tuple]:
+        """{module: ((adapter, weight), ...)} for the adapters with a non-zero weight."""
+        contributions: dict[str, list] = {}
+        for name, weight in sorted(active.items()):
+            if weight != 0.0:
+                for module in self.pack(name):
+                    contributions.setdefault(module, []).append((name, weight))
+        return {m: tuple(c) for m, c in contributions.items()}
+
+    def weights_for(self, old: dict[str, float], new: dict[str, float]) -> dict[str, dict[str, np.ndarray]]:
+        """Graph weights that differ between two adapter sets, computed for `new`:
+        {component: {initializer name: array}}."""
+        before, after = self._contributions(old), self._contributions(new)
+        changed = sorted(m for m in set(before) | set(after) if before.get(m) != after.get(m))
+        updates: dict[str, dict[str, np.ndarray]] = {}
+        for module in changed:
+            entry = self.refit_map[module]
+            updates.setdefault(entry["component"], {})[entry["weight"]] = self._weight(module, after.get(module, ()))
+        return updates
+
+    def _weight(self, module: str, contributions: tuple) -> np.ndarray:
+        entry = self.refit_map[module]
+        base = self.base(module)
+        if not contributions:
+            return np.array(base)
+        delta = np.zeros((entry["shape"][0], int(np.prod(entry["shape"][1:]))), dtype=np.float32)
+        for name, weight in contributions:
+            down, up, scale = self.pack(name)[module]
+            # [out, r] @ [r, in*kh*kw]
+            delta += np.float32(weight * scale) * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
+        delta = delta.reshape(entry["shape"])
+        return base + (delta.T if entry["transpose"] else delta)
