@@ -63,8 +63,8 @@ def _console(quiet: bool):
 
 
 @cli.command()
-@click.argument("model")
-@click.option("--lcm-lora", "lcm_lora", required=True, help="The LCM-LoRA file (kohya, diffusers or peft format).")
+@click.argument("model", required=False)
+@click.option("--lcm-lora", "lcm_lora", help="The LCM-LoRA file (kohya, diffusers or peft format). Required.")
 @click.option("--lcm-weight", default=1.0, show_default=True, help="Weight of the LCM-LoRA.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH[:WEIGHT]",
               help="A style LoRA to fuse, optionally named and weighted; repeatable.")
@@ -73,34 +73,81 @@ def _console(quiet: bool):
 @click.option("--batch", default=1, show_default=True, help="Images per call.")
 @click.option("--guidance-mode", type=click.Choice(["none", "cfg"]), default="none", show_default=True,
               help="cfg also builds the unconditional batch, for guidance_scale > 1.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--out", type=click.Path(path_type=Path), help="Engine folder to write. Required.")
 @click.option("--config", help="Diffusers folder or config for a single-file checkpoint (needed offline).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .ckpt/.bin/.pt files (they can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--refittable", is_flag=True,
               help="Keep the --lora adapters unfused, swappable at run time (set_adapters, --adapter).")
 @click.option("--refittable-lcm", is_flag=True, help="Keep the LCM-LoRA unfused too, so its weight can change.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt also builds TensorRT engines (on the GPU that will run them).")
+@click.option("--engines-only", type=click.Path(path_type=Path), default=None, metavar="FOLDER",
+              help="Build the --backend tensorrt engines (and FP16 graphs) of an existing engine folder.")
+@click.option("--fp16/--no-fp16", default=None,
+              help="Write FP16 text encoder and UNet graphs (default: on with --backend tensorrt).")
+@click.option("--fp16-vae", is_flag=True, help="Also an FP16 VAE decoder (NaN output falls back to fp32).")
+@click.option("--workspace", default="2G", show_default=True,
+              help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, refittable, refittable_lcm, quiet):
+          overwrite, refittable, refittable_lcm, backend, engines_only, fp16, fp16_vae, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
-    from .export.build import BuildRequest, build_engine_folder
-    from .export.lora import LoraSpec, parse_lora_arg
+    from .errors import InputError
     from .progress import Stages
 
     # SIGTERM unwinds like Ctrl-C, so the partial folder is removed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    request = BuildRequest(
-        model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
-        loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
-        guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
-        refittable=refittable, refittable_lcm=refittable_lcm)
     console = _console(quiet)
-    manifest = build_engine_folder(request, Stages(console))
-    if console is not None:
-        _print_build_summary(console, out, manifest)
+    stages = Stages(console)
+    if backend == "tensorrt":  # fail before minutes of export, not after
+        from .backends.tensorrt import INSTALL_HINT, TensorRTBackend
+        from .errors import BackendError
+
+        if not TensorRTBackend.installed():
+            raise BackendError(f"--backend tensorrt needs TensorRT and CuPy on this machine. {INSTALL_HINT}")
+    if engines_only is not None:
+        if model or lcm_lora or out:
+            raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora and --out.")
+        folder = engines_only
+    else:
+        missing = [name for name, value in (("MODEL", model), ("--lcm-lora", lcm_lora), ("--out", out)) if not value]
+        if missing:
+            raise InputError(f"lcmrt build needs {', '.join(missing)} (or --engines-only FOLDER). See `lcmrt build --help`.")
+        from .export.build import BuildRequest, build_engine_folder
+        from .export.lora import LoraSpec, parse_lora_arg
+
+        request = BuildRequest(
+            model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
+            loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
+            guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
+            refittable=refittable, refittable_lcm=refittable_lcm)
+        manifest = build_engine_folder(request, stages)
+        if console is not None:
+            _print_build_summary(console, out, manifest)
+        folder = out
+    if fp16 if fp16 is not None else backend == "tensorrt":
+        from .engines.fp16 import convert_folder, record_variants
+
+        with stages.stage("FP16 graphs"):
+            components = ("text_encoder", "unet") + (("vae_decoder",) if fp16_vae else ())
+            entries = convert_folder(folder, components)
+            record_variants(folder, entries)
+        if console is not None:
+            for name, entry in entries.items():
+                fidelity = entry["fidelity"]
+                psnr = [o["psnr_db"] for o in fidelity["outputs"].values() if o.get("psnr_db")]
+                console.print(f"{name} fp16 vs fp32: max abs diff {fidelity['max_abs_diff']:.2e}"
+                              + (f", PSNR {psnr[0]:.1f} dB" if psnr else "")
+                              + ("" if fidelity["finite"] else " [red]non-finite output[/red]"))
+    if backend == "tensorrt":
+        from .engines.tensorrt import build_engines
+
+        with stages.stage("TensorRT engines"):
+            build_engines(folder, precision="fp16" if fp16 is not False else "fp32", workspace=workspace,
+                          log=console.print if console is not None else (lambda *_: None))
 
 
 def _print_build_summary(console, out: Path, manifest: dict) -> None:

@@ -12,7 +12,7 @@ _ONNXRUNTIME = {
     "onnxruntime-cuda": "cuda",
     "onnxruntime-trt": "tensorrt",
 }
-BACKEND_NAMES = ("auto", *_ONNXRUNTIME)
+BACKEND_NAMES = ("auto", *_ONNXRUNTIME, "tensorrt")
 
 __all__ = ["BACKEND_NAMES", "Backend", "Session", "TensorSpec", "get_backend"]
 
@@ -22,6 +22,10 @@ def get_backend(name: str = "auto", **options) -> Backend:
     provider is installed, else on the CPU). `options` go to the backend (e.g. `threads=4`)."""
     if name not in BACKEND_NAMES:
         raise BackendError(f"Unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(**options)
     from .onnxruntime import OnnxRuntimeBackend
 
     if name == "auto":

@@ -1,0 +1,98 @@
+"""lcmrt.engines.tensorrt: the version-dependent build decisions, checked without TensorRT."""
+import subprocess
+import sys
+
+import pytest
+
+from lcmrt.engines.tensorrt import (_dim_ranges, build_options, check_refit_targets, parse_size,
+                                    parse_trt_version, refit_targets)
+from lcmrt.errors import BackendError, EngineFolderError, InputError
+
+
+def test_versions():
+    assert parse_trt_version("10.3.0") == (10, 3, 0)
+    assert parse_trt_version("11.4.0.106") == (11, 4, 0)
+    assert parse_trt_version("10.1") == (10, 1, 0)
+    with pytest.raises(BackendError):
+        parse_trt_version("dev")
+
+
+@pytest.mark.parametrize("version, graph, refit, typed, flags, precision", [
+    ("10.3.0", "fp16", True, True, ("REFIT_INDIVIDUAL",), "fp16"),   # strongly typed: no precision flags
+    ("10.3.0", "fp32", True, False, ("FP16", "REFIT_INDIVIDUAL"), "fp16"),
+    ("10.1.0", "fp32", True, False, ("FP16", "REFIT"), "fp16"),      # before REFIT_INDIVIDUAL
+    ("10.16.1", "fp16", False, True, (), "fp16"),
+    ("11.4.0.106", "fp16", True, False, ("REFIT_INDIVIDUAL",), "fp16"),  # 11: always strongly typed, no FP16 flag
+    ("11.1.0", "fp32", False, False, (), "fp32"),
+])
+def test_build_options(version, graph, refit, typed, flags, precision):
+    options = build_options(version, graph, refit)
+    assert options.strongly_typed_flag is typed
+    assert options.builder_flags == flags
+    assert options.precision == precision
+    assert options.mark_individual is ("REFIT_INDIVIDUAL" in flags)
+    assert "FP16" not in flags or not typed  # TensorRT rejects precision flags on strongly typed networks
+    assert not ("REFIT" in flags and "REFIT_INDIVIDUAL" in flags)
+
+
+def test_fp32_engine_on_trt10():
+    options = build_options("10.3.0", "fp32", False, fp16_flag=False)
+    assert options.builder_flags == () and options.precision == "fp32"
+
+
+def test_build_options_notes_and_errors():
+    assert any("no FP16 flag" in n for n in build_options("11.0.0", "fp32", False).notes)
+    assert any("REFIT_INDIVIDUAL" in n for n in build_options("10.0.1", "fp16", True).notes)
+    with pytest.raises(BackendError, match="too old"):
+        build_options("8.6.1", "fp16", False)
+    with pytest.raises(InputError):
+        build_options("10.3.0", "int8", False)
+
+
+def test_parse_size():
+    assert parse_size("2G") == 2 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    assert parse_size(1024) == 1024
+    assert parse_size(None, default=7) == 7
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+
+
+def test_refit_targets_and_naming():
+    refit_map = {
+        "unet.down_blocks.0.attentions.0.proj_in": {"component": "unet", "weight": "onnx::MatMul_901",
+                                                    "transpose": True},
+        "unet.mid_block.resnets.0.conv1": {"component": "unet", "weight": "unet.mid_block.resnets.0.conv1.weight"},
+        "unet.up_blocks.1.attentions.0.to_q": {"component": "unet", "weight": "unet.x.to_q.base_layer.weight"},
+        "text_encoder.encoder.layers.0.self_attn.q_proj": {"component": "text_encoder", "weight": "onnx::MatMul_7"},
+    }
+    names = refit_targets(refit_map, "unet")
+    assert names == sorted(["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight",
+                            "unet.x.to_q.base_layer.weight"])
+    assert refit_targets(refit_map, "text_encoder") == ["onnx::MatMul_7"]
+    assert refit_targets(refit_map, "vae_decoder") == [] and refit_targets({}, "unet") == []
+    graph = {"onnx::MatMul_901": 0, "unet.mid_block.resnets.0.conv1.weight": 0}
+    report = check_refit_targets(names + ["unet.gone.weight"], graph)
+    assert report == {"found": ["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight"],
+                      "peft_names": ["unet.x.to_q.base_layer.weight"], "missing": ["unet.gone.weight"]}
+    with pytest.raises(EngineFolderError):
+        refit_targets({"unet.m": {"component": "unet", "transpose": False}}, "unet")
+
+
+def test_dim_ranges():
+    entry = {"inputs": [{"name": "sample", "shape": ["unet_batch", 4, 8, 8]}, {"name": "timestep", "shape": [1]},
+                        {"name": "encoder_hidden_states", "shape": ["unet_batch", 77, 32]}],
+             "dim_values": {"unet_batch": [1, 2]}}
+    assert _dim_ranges(entry) == {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
+                                  "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}
+    assert _dim_ranges({"inputs": [], "dim_values": {}}) is None
+
+
+def test_no_gpu_imports():
+    """Importing the builder, the backend and the runtime must not import TensorRT or CUDA libraries."""
+    code = ("import sys, lcmrt, lcmrt.engines.tensorrt, lcmrt.engines.fp16, lcmrt.backends.tensorrt;"
+            "bad=[m for m in ('tensorrt','cupy','cuda','pycuda','polygraphy') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
