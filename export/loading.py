@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,15 @@ PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 WEIGHT_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
 # diffusers pipeline class -> lcmrt family
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15"}
+# One quick Hub look-up before loading: long enough for a slow link, short next to the downloader's retries.
+HUB_TIMEOUT_S = 10
+
+
+def _one_line(e: Exception) -> str:
+    """An exception as one short line: CLI errors are one paragraph."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 300 else text[:300] + "..."
+    return f"{type(e).__name__}: {text.rstrip('.')}" if text else type(e).__name__
 
 
 @dataclass
@@ -74,7 +84,7 @@ def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
             local_files_only=True, use_safetensors=None if allow_pickle else True)
     except Exception as e:
-        raise ModelLoadError(f"Loading the diffusers folder {folder} failed: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"Loading the diffusers folder {folder} failed: {_one_line(e)}.") from e
     source = {"kind": "diffusers", "id": str(folder.resolve()), "sha256": _folder_sha256(folder, allow_pickle)}
     return LoadedModel(pipe, family, source)
 
@@ -87,6 +97,11 @@ def _load_single_file(path: Path, config: str | None, allow_pickle: bool) -> Loa
         raise InputError(f"{path} is not a model: expected a diffusers folder or a .safetensors checkpoint.")
     if config is not None and not Path(config).exists():
         raise InputError(f"--config {config} does not exist. Pass a diffusers folder of the same architecture.")
+    if config is None and _hub_offline():  # diffusers would look the architecture's config up on the Hub
+        raise ModelLoadError(
+            f"{path} is a single-file checkpoint, and HF_HUB_OFFLINE is set, so its architecture's config cannot "
+            "be fetched from the Hugging Face Hub. Offline, pass --config pointing at a diffusers folder (or its "
+            "config) of the same architecture, e.g. --config path/to/stable-diffusion-v1-5.")
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=config, torch_dtype=torch.float32, safety_checker=None,
@@ -95,12 +110,43 @@ def _load_single_file(path: Path, config: str | None, allow_pickle: bool) -> Loa
         hint = ("Offline, a single-file checkpoint needs --config pointing at a diffusers folder (or its "
                 "config) of the same architecture, e.g. --config path/to/stable-diffusion-v1-5."
                 if config is None else "Check that --config is a diffusers folder of the same architecture.")
-        raise ModelLoadError(f"Loading the checkpoint {path} failed ({type(e).__name__}: {e}). {hint}") from e
+        raise ModelLoadError(f"Loading the checkpoint {path} failed ({_one_line(e)}). {hint}") from e
     source = {"kind": "single_file", "id": str(path.resolve()), "sha256": file_sha256(path)}
     return LoadedModel(pipe, "sd15", source)  # from_single_file above only builds SD1.x pipelines
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when it was set after huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _check_hub(model_id: str) -> None:
+    """Fail fast, naming the problem, before diffusers' downloader retries an unreachable Hub for half a minute."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    not_local = f"{model_id!r} is not a local path"
+    if _hub_offline():
+        raise ModelLoadError(
+            f"{not_local}, and HF_HUB_OFFLINE is set, so it cannot be fetched from the Hugging Face Hub. Pass a "
+            "local diffusers folder (or a .safetensors checkpoint with --config), or unset HF_HUB_OFFLINE when online.")
+    try:
+        HfApi().model_info(model_id, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelLoadError(
+            f"{not_local}, and the Hugging Face Hub has no model {model_id!r} you can read ({type(e).__name__}). "
+            "Check the spelling of the path or id; for a private or gated model, log in with `hf auth login`.") from e
+    except Exception as e:  # no network, DNS, proxy, timeout: the HTTP client raises many types
+        raise ModelLoadError(
+            f"{not_local}, and the Hugging Face Hub cannot be reached ({_one_line(e)}): this machine looks offline. "
+            "Download the model elsewhere and pass its local diffusers folder; check the spelling of the path "
+            "otherwise.") from e
+
+
 def _load_hub(model_id: str, allow_pickle: bool) -> LoadedModel:
+    _check_hub(model_id)  # before importing every diffusers pipeline, which takes seconds
     from diffusers import DiffusionPipeline
 
     try:
@@ -114,8 +160,8 @@ def _load_hub(model_id: str, allow_pickle: bool) -> LoadedModel:
     except Exception as e:
         raise ModelLoadError(
             f"{model_id!r} is not a local path, and fetching it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If you are offline, download the "
-            "model elsewhere and pass its local diffusers folder; check the spelling of the path otherwise.") from e
+            f"({_one_line(e)}). If you are offline, download the model elsewhere and pass its local diffusers "
+            "folder; check the spelling of the path otherwise.") from e
     source = {"kind": "hub", "id": model_id, "sha256": None}
     return LoadedModel(pipe, family, source)
 

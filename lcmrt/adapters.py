@@ -59,10 +59,14 @@ class AdapterBank:
             path = self.folder / self.refittable[name]["pack"]
             if not path.is_file():
                 raise AdapterError(f"Adapter pack {path} is missing. Re-add it with `lcmrt adapter add`.")
-            tensors = load_file(str(path))
-            modules = {key[: -len(".down")] for key in tensors if key.endswith(".down")}
-            self._packs[name] = {m: (tensors[f"{m}.down"], tensors[f"{m}.up"], float(tensors[f"{m}.scale"][0]))
-                                 for m in modules}
+            try:
+                tensors = load_file(str(path))
+                modules = {key[: -len(".down")] for key in tensors if key.endswith(".down")}
+                self._packs[name] = {m: (tensors[f"{m}.down"], tensors[f"{m}.up"], float(tensors[f"{m}.scale"][0]))
+                                     for m in modules}
+            except Exception as e:  # safetensors raises its own error type; a truncated pack lacks keys
+                raise AdapterError(f"Adapter pack {path} of {name!r} is damaged ({type(e).__name__}: {e}). "
+                                   "Re-add it with `lcmrt adapter add`.") from e
         return self._packs[name]
 
     def base(self, module: str) -> np.ndarray:

@@ -32,3 +32,10 @@ def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_W
 def tiny_engine(tiny_model, tmp_path_factory):
     """Engine folder of the tiny model, 128x128, batch 1, guidance mode cfg. Treat it as read-only."""
     return build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-cfg")
+
+
+@pytest.fixture(scope="session")
+def tiny_refit_engine(tiny_model, tmp_path_factory):
+    """Like tiny_engine, but the style LoRA (0.8) is refittable: LCM fused, refit map, adapters/style.
+    Treat it as read-only; copy it to add adapters."""
+    return build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-refit", refittable=True)
