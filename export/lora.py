@@ -109,8 +109,8 @@ class _FileModule:
     scale: float  # alpha / rank (alpha / sqrt(rank) for rsLoRA metadata)
 
     def delta(self) -> torch.Tensor:
-        # up @ down in float64, flattened to [out, in*kh*kw]; callers reshape to the weight's shape
-        return self.up.double().flatten(1) @ self.down.double().flatten(1)
+        # up @ down flattened to [out, in*kh*kw]; callers reshape to the weight's shape
+        return self.up.flatten(1) @ self.down.flatten(1)
 
 
 def sha256_file(path: Path) -> str:
@@ -261,12 +261,12 @@ def _match(spec: LoraSpec, modules: dict[str, _FileModule], layers: dict) -> dic
             unmatched_layers += [".".join(k) for k, _ in lays]
             continue
         # [n, d]: each side as [down/|down|, up/|up|]; for equal data the cosine is 1 even with a zero up
-        fvec = torch.cat([_unit(torch.stack([f.down.flatten() for f in files]).double()),
-                          _unit(torch.stack([f.up.flatten() for f in files]).double())], dim=1)
+        fvec = torch.cat([_unit(torch.stack([f.down.flatten() for f in files])),
+                          _unit(torch.stack([f.up.flatten() for f in files]))], dim=1)
         with torch.no_grad():
             lvec = torch.cat([
-                _unit(torch.stack([l.lora_A[spec.name].weight.detach().flatten() for _, l in lays]).double()),
-                _unit(torch.stack([l.lora_B[spec.name].weight.detach().flatten() for _, l in lays]).double())], 1)
+                _unit(torch.stack([l.lora_A[spec.name].weight.detach().flatten() for _, l in lays])),
+                _unit(torch.stack([l.lora_B[spec.name].weight.detach().flatten() for _, l in lays]))], 1)
         cos = _unit(fvec) @ _unit(lvec).T  # [files, layers]
         pairs = sorted(((cos[i, j].item(), i, j) for i in range(len(files)) for j in range(len(lays))
                         if cos[i, j] >= MATCH_COS), reverse=True)
@@ -409,13 +409,14 @@ def _verify(pipe, loras, matches, before) -> list[float]:
         for key, fm in match.items():
             updates[key].append((spec.weight, fm))
     per_layer = {}
-    for key, w0 in before.items():  # one layer at a time in float64: full-size UNets stay within memory
+    for key, w0 in before.items():  # one layer at a time, in place: full-size UNets stay within memory
         comp, mname = key
-        expected = w0.double()
+        expected = w0  # the snapshot is ours to overwrite
         for weight, fm in updates[key]:
-            expected += weight * fm.scale * fm.delta().reshape(expected.shape)
-        fused = getattr(pipe, comp).get_submodule(mname).weight.detach().double()
-        per_layer[key] = ((fused - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+            expected.add_(fm.delta().reshape(expected.shape), alpha=weight * fm.scale)
+        fused = getattr(pipe, comp).get_submodule(mname).weight.detach()
+        scale = expected.abs().max().clamp_min(1e-30)
+        per_layer[key] = (expected.sub_(fused).abs_().max() / scale).item()
     (comp, mname), err = max(per_layer.items(), key=lambda kv: kv[1])
     if err > FUSE_RTOL:
         bad = sum(e > FUSE_RTOL for e in per_layer.values())

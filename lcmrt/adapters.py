@@ -39,7 +39,8 @@ class AdapterBank:
         """Validate a requested set; return the full refittable set (unlisted adapters at weight 0)."""
         requested = dict(adapters)
         for name, weight in requested.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(weight):
                 raise AdapterError(f"Adapter {name!r} has weight {weight!r}; weights must be finite numbers.")
             if name in self.fused:
                 if weight != self.fused[name]:

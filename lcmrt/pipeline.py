@@ -82,8 +82,13 @@ class Pipeline:
                 applied.append(component)
         except Exception as e:
             restore = self._bank.weights_for(new, self._active)
-            for component in applied:
-                self.sessions[component].refit(restore[component])
+            try:
+                for component in applied:
+                    self.sessions[component].refit(restore[component])
+            except Exception as restore_error:
+                raise AdapterError(
+                    f"Switching adapters to {adapters} failed ({e}), and restoring {', '.join(applied)} failed too "
+                    f"({restore_error}): the pipeline's weights are inconsistent. Load the folder again.") from e
             raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
                                f"still active: {e}") from e
         self._active = new
