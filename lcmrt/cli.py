@@ -295,5 +295,54 @@ def adapter_list(folder):
                    f"({modules}) from {a['path']}")
 
 
+@cli.command("bench")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--steps", default=4, show_default=True, help="LCM steps.")
+@click.option("--guidance", default=1.0, show_default=True, help="> 1 needs a folder built with --guidance-mode cfg.")
+@click.option("--repeats", default=3, show_default=True, help="Warm generations after the cold one.")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("--prompt", default=None, help="Prompt to generate (default: a fixed one).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def bench_command(folder, steps, guidance, repeats, backend, prompt, json_path):
+    """Time FOLDER: cold start, time per stage, images/s, peak RSS and the fraction of the fp32 roofline."""
+    import json
+
+    from . import bench
+
+    if repeats < 1:
+        from .errors import InputError
+
+        raise InputError(f"--repeats {repeats} must be at least 1.")
+    result = bench.bench_folder(folder, backend=backend, steps=steps, guidance=guidance, repeats=repeats,
+                                prompt=prompt or bench.DEFAULT_PROMPT)
+    s = result["summary"]
+
+    def spread(stat, unit="s"):
+        return f"{stat['median']:.3f} {unit} (min {stat['min']:.3f}, max {stat['max']:.3f})" if stat else "-"
+
+    roofline = s.get("roofline_fraction", {})
+    shapes = result["shapes"]
+    lines = [
+        f"{folder}: {shapes['width']}x{shapes['height']}, batch {shapes['batch']}, {steps} steps, guidance "
+        f"{guidance:g}, backend {result['backend']}, {repeats} warm runs",
+        f"cold start      {s['cold_start_s']['median']:.2f} s (load {result['load_s']:.2f} s + first image "
+        f"{result['first_image_s']:.2f} s) = {s['cold_over_warm']:.2f}x a warm generation",
+        f"end to end      {spread(s['e2e_s'])}, {s['images_per_s']:.3f} images/s",
+        f"text encoder    {spread(s['text_encoder_s'])}",
+        f"UNet step       {spread(s['unet_step_s'])}, {roofline.get('unet_step', 0):.2f} of roofline",
+        f"VAE decode      {spread(s['vae_decode_s'])}, {roofline.get('vae_decode', 0):.2f} of roofline",
+    ]
+    if s["overhead_per_step_s"]:
+        lines.append(f"step overhead   {s['overhead_per_step_s']['median'] * 1e3:.2f} ms "
+                     f"({100 * s['overhead_fraction_of_step']:.2f}% of a step: sampler + runtime outside the UNet)")
+    lines.append(f"peak RSS        {s['peak_rss_bytes'] / 1e9:.2f} GB")
+    lines.append(f"fp32 GEMM peak  {result['gemm_peak_gflops']:.1f} GFLOP/s (numpy {bench.GEMM_SIZE}^3; roofline "
+                 "fraction = the manifest's FLOPs / (time x peak))")
+    click.echo("\n".join(lines))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1))
+        click.echo(str(json_path))
+
+
 def main():
     cli(prog_name="lcmrt")

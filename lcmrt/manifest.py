@@ -65,14 +65,20 @@ def component_files(manifest: dict, component: str) -> list[str]:
     return list(manifest["components"][component]["sha256"])
 
 
-def verify_component(folder: str | Path, manifest: dict, component: str) -> Path:
+def component_entry(manifest: dict, component: str, precision: str = "fp32") -> dict:
+    """A component's graph entry at `precision`: its fp16 variant where one was built, else the fp32 graph."""
+    entry = manifest["components"][component]
+    return entry if precision == "fp32" else entry.get("variants", {}).get(precision, entry)
+
+
+def verify_component(folder: str | Path, manifest: dict, component: str, precision: str = "fp32") -> Path:
     """Check that a component's files exist and hash to what the build recorded; return the graph path."""
     folder = Path(folder)
-    entry = manifest["components"].get(component)
-    if entry is None:
+    if component not in manifest["components"]:
         raise EngineFolderError(
             f"{folder} has no {component!r} component (it has {', '.join(manifest['components'])}). "
             "Rebuild the folder with `lcmrt build`.")
+    entry = component_entry(manifest, component, precision)
     for name, expected in entry["sha256"].items():
         path = folder / name
         if not path.is_file():

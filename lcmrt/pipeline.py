@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .adapters import AdapterBank
 from .backends import get_backend
 from .errors import AdapterError, GenerationError, InputError
 from .images import to_pil
-from .manifest import load_manifest, verify_component
+from .manifest import load_manifest
 from .sampler import LCMSampler
 from .tokenizer import PromptTokenizer
 
@@ -55,7 +56,6 @@ class Pipeline:
         initial = bank.weights_for({}, active)
         sessions = {}
         for name in RUNTIME_COMPONENTS:
-            verify_component(folder, manifest, name)
             sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
         tok = manifest["tokenizer"]
         tokenizer = PromptTokenizer(folder / tok["path"], max_length=tok["max_length"], pad_token_id=tok["pad_token_id"])
@@ -187,6 +187,9 @@ class Pipeline:
 
     def _denoise(self, sampler, x, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
         unet = self.sessions["unet"]
+        device_loop = unet.denoise_loop(self.shapes["batch"])
+        if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
+            return device_loop(sampler, x, step_noise, embeds, guidance_scale, timings)
         guided = guidance_scale > 1
         for i, t in enumerate(sampler.timesteps):
             step_start = time.perf_counter()
@@ -203,9 +206,21 @@ class Pipeline:
 
     def _decode(self, latents, timings) -> np.ndarray:
         start = time.perf_counter()
-        image = self.sessions["vae_decoder"].run({"latents": latents})["image"]  # [N, 3, H, W] in ~[-1, 1]
+        vae = self.sessions["vae_decoder"]
+        image = vae.run({"latents": latents})["image"]  # [N, 3, H, W] in ~[-1, 1]
+        if vae.precision != "fp32" and not np.isfinite(image).all():
+            warnings.warn(f"The {vae.precision} VAE decoder overflowed (NaN/inf in the image); decoding again with "
+                          "the fp32 VAE decoder on the CPU. Rebuild without --fp16-vae to avoid this.", stacklevel=3)
+            image = self._fp32_vae().run({"latents": latents})["image"]
         timings["vae_decode"] += time.perf_counter() - start
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # [N, H, W, 3] in [0, 1]
+
+
+    def _fp32_vae(self):
+        if "vae_decoder_fp32" not in self.sessions:
+            self.sessions["vae_decoder_fp32"] = get_backend("onnxruntime-cpu").load(self.folder, self.manifest,
+                                                                                   "vae_decoder")
+        return self.sessions["vae_decoder_fp32"]
 
 
 def _pad(batch: np.ndarray, n: int) -> np.ndarray:

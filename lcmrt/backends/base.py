@@ -25,10 +25,16 @@ class Session(ABC):
 
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    precision: str = "fp32"  # of the loaded graph or engine
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; every input by name, every output returned by name."""
+
+    def denoise_loop(self, batch: int):
+        """For a UNet session: a device-resident LCM loop `(sampler, latents, step_noise, embeds,
+        guidance_scale, timings) -> latents`, or None to run the loop in numpy on the host."""
+        return None
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Replace graph weights (by graph initializer name) in place. Only refittable folders need it."""
@@ -40,5 +46,5 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> Session:
-        """Load `component` of the engine folder (the files were verified against the manifest).
+        """Load `component` of the engine folder, after checking its files against the manifest's hashes.
         `weights` (graph initializer name -> array) replace graph weights from the start, as `refit` would."""

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BackendError
+from ..manifest import component_entry, verify_component
 from .base import Backend, Session, TensorSpec
 
 PROVIDERS = {
@@ -38,6 +39,7 @@ _ONNX_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
+PRECISIONS = ("fp32", "fp16")
 _LISTED = 5  # names shown in an error before "..."
 
 
@@ -47,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
     per physical core); `fp16` lets the TensorRT provider build FP16 kernels."""
 
     def __init__(self, device: str = "cpu", *, threads: int | None = None, device_id: int = 0,
-                 fp16: bool = False):
+                 fp16: bool = False, precision: str = "fp32"):
         if device not in PROVIDERS:
             raise BackendError(f"Unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -64,6 +66,9 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.device_id = device_id
         self.fp16 = fp16
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        self.precision = precision  # graphs to load: "fp16" takes a component's fp16 variant where built
 
     @staticmethod
     def available_devices() -> list[str]:
@@ -72,8 +77,10 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
-        return OrtSession(folder / manifest["components"][component]["file"], component, self._providers(folder),
-                          self.threads, weights)
+        path = verify_component(folder, manifest, component, self.precision)
+        session = OrtSession(path, component, self._providers(folder), self.threads, weights)
+        session.precision = component_entry(manifest, component, self.precision)["precision"]
+        return session
 
     def _providers(self, folder: Path) -> list:
         cpu = "CPUExecutionProvider"

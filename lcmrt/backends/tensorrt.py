@@ -165,12 +165,15 @@ class TrtSession(Session):
         trt, cp = backend.trt, backend.cupy
         self.trt, self.cp, self.component, self.folder = trt, cp, component, folder
         self.entry = entry
+        self.precision = entry["precision"]
         self.logger = backend.logger
         self.engine = backend.runtime.deserialize_cuda_engine((folder / entry["file"]).read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {entry['file']} (see its log above). Rebuild it with "
                                f"`{rebuild_command(folder)}`.")
         self.context = self.engine.create_execution_context()
+        self.cuda_graphs = backend.cuda_graphs
+        self._loop: CudaGraphDenoiser | None = None
         self.stream = cp.cuda.Stream(non_blocking=True)  # never the default stream
         self.plans = self._plan_buffers()
         self.buffers = {}
@@ -250,6 +253,12 @@ class TrtSession(Session):
 
     # --- refit ------------------------------------------------------------------------------------------
     @property
+    def denoise_loop(self, batch: int) -> "CudaGraphDenoiser":
+        """The LCM loop on the device, one CUDA-graph launch per step."""
+        if self._loop is None:
+            self._loop = CudaGraphDenoiser(self, batch, use_graphs=self.cuda_graphs)
+        return self._loop
+
     def refittable(self) -> bool:
         return "refit" in self.entry
 

@@ -43,7 +43,16 @@ def _save_graph(folder, external=True):
                   location="tiny.onnx.data", size_threshold=0)
     else:
         onnx.save(model, folder / "tiny.onnx")
-    return {"components": {"tiny": {"file": "tiny.onnx"}}}
+    return _manifest(folder)
+
+
+def _manifest(folder):
+    """A manifest with just the tiny graph, hashed as the build would."""
+    from lcmrt.manifest import file_sha256
+
+    files = [name for name in ("tiny.onnx", "tiny.onnx.data") if (folder / name).is_file()]
+    return {"components": {"tiny": {"file": "tiny.onnx", "precision": "fp32",
+                                    "sha256": {name: file_sha256(folder / name) for name in files}}}}
 
 
 def _reference(x, w=W, b=B, scale=SCALE):
@@ -178,8 +187,7 @@ def test_refit_is_the_graph_with_new_values_and_restores_exactly(tmp_path, sessi
         if values is not None:
             init.CopyFrom(numpy_helper.from_array(values, init.name))
     onnx.save(graph, other / "tiny.onnx")
-    expected = OnnxRuntimeBackend("cpu", threads=1).load(other, {"components": {"tiny": {"file": "tiny.onnx"}}},
-                                                          "tiny").run(feeds)
+    expected = OnnxRuntimeBackend("cpu", threads=1).load(other, _manifest(other), "tiny").run(feeds)
     np.testing.assert_array_equal(after["y"], expected["y"])
     np.testing.assert_allclose(after["y"], _reference(feeds["x"], w2, b2), rtol=1e-6, atol=1e-6)
     assert not np.array_equal(after["y"], before["y"])
