@@ -1,5 +1,34 @@
-"""Shared fixtures: small generated models, built once per test session."""
+"""Shared fixtures: small generated models, built once per test session. Tests marked `gpu` skip, with the
+reason, where TensorRT, CuPy or a CUDA GPU is missing."""
+import importlib.util
+
 import pytest
+
+_GPU = None
+
+
+def gpu_unavailable() -> str | None:
+    """Why GPU tests cannot run here, or None when they can."""
+    global _GPU
+    if _GPU is None:
+        missing = [m for m in ("tensorrt", "cupy") if importlib.util.find_spec(m) is None]
+        if missing:
+            _GPU = f"needs {' and '.join(missing)} (pip install 'lcmrt[gpu]') and an NVIDIA GPU"
+        else:
+            try:
+                import cupy
+
+                _GPU = "" if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU visible"
+            except Exception as e:  # no driver
+                _GPU = f"no usable CUDA GPU ({type(e).__name__}: {e})"
+    return _GPU or None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None:
+        reason = gpu_unavailable()
+        if reason:
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

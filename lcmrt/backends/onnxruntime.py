@@ -49,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
     per physical core); `fp16` lets the TensorRT provider build FP16 kernels."""
 
     def __init__(self, device: str = "cpu", *, threads: int | None = None, device_id: int = 0,
-                 fp16: bool = False, precision: str = "fp32"):
+                 fp16: bool = False, precision: str = "fp32", cuda_graph: bool = True):
         if device not in PROVIDERS:
             raise BackendError(f"Unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -69,6 +69,7 @@ class OnnxRuntimeBackend(Backend):
         if precision not in PRECISIONS:
             raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         self.precision = precision  # graphs to load: "fp16" takes a component's fp16 variant where built
+        self.cuda_graph = cuda_graph  # CUDA provider: replay each run as a captured CUDA graph
 
     @staticmethod
     def available_devices() -> list[str]:
@@ -78,13 +79,15 @@ class OnnxRuntimeBackend(Backend):
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
         path = verify_component(folder, manifest, component, self.precision)
-        session = OrtSession(path, component, self._providers(folder), self.threads, weights)
+        session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id)
         session.precision = component_entry(manifest, component, self.precision)["precision"]
         return session
 
     def _providers(self, folder: Path) -> list:
         cpu = "CPUExecutionProvider"
-        cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
+        # cuda graphs need every node on the CUDA provider and fixed device buffers (see DeviceBinding)
+        cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id),
+                                          "enable_cuda_graph": "1" if self.cuda_graph and self.device == "cuda" else "0"})
         if self.device == "cpu":
             return [cpu]
         if self.device == "cuda":
@@ -103,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
 
 class OrtSession(Session):
     def __init__(self, path: Path, component: str, providers: list, threads: int | None,
-                 weights: dict[str, np.ndarray] | None = None):
+                 weights: dict[str, np.ndarray] | None = None, device_id: int = 0):
         self.path = Path(path)
         self.component = component
         self._providers = providers
@@ -115,6 +118,12 @@ class OrtSession(Session):
         self._session = self._create(self._weights)
         self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()}
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
+        self._device_id = device_id
+        self._binding = self._new_binding()
+
+    def _new_binding(self) -> "DeviceBinding | None":
+        """GPU providers exchange data through fixed device buffers (I/O binding), bound once per shape."""
+        return None if self.provider == "CPUExecutionProvider" else DeviceBinding(self, "cuda", self._device_id)
 
     def _create(self, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -151,6 +160,8 @@ class OrtSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_feeds(feeds)
         try:
+            if self._binding is not None:
+                return self._binding.run(feeds)
             values = self._session.run(list(self.outputs), feeds)
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
@@ -186,6 +197,7 @@ class OrtSession(Session):
         merged = {**self._weights, **arrays}
         session = self._create(merged)
         self._session, self._weights = session, merged
+        self._binding = self._new_binding()  # buffers and captured graphs belong to the old session
 
     def _checked(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Weights as C-contiguous arrays, after checking names, storage and shapes against the graph."""
@@ -216,6 +228,47 @@ class OrtSession(Session):
         if self._initializers is None:
             self._initializers = read_initializers(self.path)
         return self._initializers
+
+
+class DeviceBinding:
+    """Inputs and outputs of a GPU session in fixed device buffers, one I/O binding per set of input shapes.
+
+    With the CUDA provider's `enable_cuda_graph`, the first run of each binding captures a CUDA graph and
+    later runs replay it, so buffers must keep their addresses: new values are copied in place
+    (`update_inplace`), and each shape set runs under its own `gpu_graph_id` (the UNet of a cfg folder has
+    two batch sizes). Graph ids start at 1: 0 is the provider's default graph."""
+
+    def __init__(self, session: OrtSession, device: str, device_id: int):
+        self.session, self.device, self.device_id = session, device, device_id
+        self._bindings: dict[tuple, tuple] = {}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = tuple((name, feeds[name].shape) for name in self.session.inputs)
+        if key not in self._bindings:
+            self._bindings[key] = self._bind(feeds, graph_id=len(self._bindings) + 1)
+        io, inputs, outputs, run_options = self._bindings[key]
+        for name, value in inputs.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name]))
+        self.session._session.run_with_iobinding(io, run_options)
+        return {name: value.numpy() for name, value in outputs.items()}
+
+    def _bind(self, feeds: dict[str, np.ndarray], graph_id: int) -> tuple:
+        sizes = {}  # symbolic dimension -> size, from the fed inputs
+        for name, spec in self.session.inputs.items():
+            sizes.update({d: n for d, n in zip(spec.shape, feeds[name].shape) if isinstance(d, str)})
+        io = self.session._session.io_binding()
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[name]), self.device, self.device_id)
+                  for name in self.session.inputs}
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        outputs = {}
+        for name, spec in self.session.outputs.items():
+            shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+            outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.dtype, self.device, self.device_id)
+            io.bind_ortvalue_output(name, outputs[name])
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return io, inputs, outputs, run_options
 
 
 def _fits(shape: tuple, expected: tuple) -> bool:

@@ -222,3 +222,20 @@ def test_refit_of_inline_weights_says_to_rebuild(tmp_path):
     session = OnnxRuntimeBackend("cpu", threads=1).load(tmp_path, manifest, "tiny")
     with pytest.raises(BackendError, match="external data"):
         session.refit({"W": W * 2})
+
+
+def test_device_binding_reuses_buffers_per_shape(session):
+    """The GPU providers' I/O binding path, exercised with CPU buffers: same results as a plain run, one
+    binding (and CUDA graph id) per input shape, buffers updated in place between runs."""
+    from lcmrt.backends.onnxruntime import DeviceBinding
+
+    binding = DeviceBinding(session, "cpu", 0)
+    for batch in (2, 2, 3, 2):
+        feeds = _feeds(batch)
+        got = binding.run(feeds)
+        expected = session.run(feeds)
+        np.testing.assert_array_equal(got["y"], expected["y"])
+        np.testing.assert_array_equal(got["count"], expected["count"])
+    assert len(binding._bindings) == 2
+    graph_ids = sorted(b[3].get_run_config_entry("gpu_graph_id") for b in binding._bindings.values())
+    assert graph_ids == ["1", "2"]
