@@ -1,0 +1,133 @@
+"""Adapter swap by refit against a fused folder and against diffusers, on the same weights in one run.
+
+    python -m benchmarks.refit --fused results/full/style-fused --refit results/full/style-refit \
+        --model results/full/sd15/model --lcm-lora results/full/sd15/lcm-lora.safetensors \
+        --lora results/full/sd15/style-r64.safetensors [--repeats 3] [--json results/refit.json]
+
+Measures, for a folder built with `--refittable` (style adapter at 0.8) and one with the same style fused:
+swap latency of `set_adapters` (split into computing the weights and applying them), the steady-state UNet
+step of each folder (runs alternated in one process, medians), their outputs' difference, peak RSS of a
+process holding each folder (separate processes), and diffusers' own `load_lora_weights + set_adapters +
+fuse_lora` for the same swap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SWAPS = (0.5, 0.8, 0.0, 0.8)
+
+
+def _unet_feeds(pipe) -> dict:
+    s = pipe.shapes
+    rng = np.random.default_rng(0)
+    hidden = pipe.sessions["unet"].inputs["encoder_hidden_states"].shape[-1]
+    return {"sample": rng.standard_normal((s["batch"], s["latent_channels"], s["latent_height"], s["latent_width"]),
+                                          dtype=np.float32),
+            "timestep": np.array([759.0], dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((s["batch"], s["text_length"], hidden), dtype=np.float32)}
+
+
+def compare_folders(fused_dir: str, refit_dir: str, repeats: int) -> dict:
+    import lcmrt
+
+    start = time.perf_counter()
+    fused = lcmrt.Pipeline.load(fused_dir)
+    load_fused = time.perf_counter() - start
+    start = time.perf_counter()
+    refit = lcmrt.Pipeline.load(refit_dir)  # applies the built weight (0.8) while creating the sessions
+    load_refit = time.perf_counter() - start
+    feeds = _unet_feeds(fused)
+    times = {"fused": [], "refit": []}
+    outputs = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, pipe in (("fused", fused), ("refit", refit)):
+            start = time.perf_counter()
+            outputs[name] = pipe.sessions["unet"].run(feeds)["noise_pred"]
+            times[name].append(time.perf_counter() - start)
+    step = {name: statistics.median(t[1:]) for name, t in times.items()}
+
+    swaps = []
+    bank = refit._bank
+    for weight in SWAPS:
+        start = time.perf_counter()
+        bank.weights_for(refit._active, {"style": weight})
+        compute = time.perf_counter() - start
+        start = time.perf_counter()
+        refit.set_adapters({"style": weight})
+        swaps.append({"weight": weight, "compute_s": compute, "total_s": time.perf_counter() - start})
+    after = refit.sessions["unet"].run(feeds)["noise_pred"]
+    return {
+        "load_s": {"fused": load_fused, "refit": load_refit},
+        "unet_step_s": step, "unet_step_runs_s": times,
+        "refit_vs_fused_step": step["refit"] / step["fused"],
+        "max_abs_diff_unet_refit_vs_fused": float(np.abs(outputs["refit"] - outputs["fused"]).max()),
+        "back_to_0.8_bitwise": bool(np.array_equal(after, outputs["refit"])),
+        "swaps": swaps,
+        "swap_median_s": statistics.median(s["total_s"] for s in swaps),
+    }
+
+
+def peak_rss_gb(folder: str) -> float:
+    """Peak RSS of a fresh process that loads `folder` and runs one UNet step."""
+    code = ("import sys, resource, lcmrt; from benchmarks.refit import _unet_feeds; "
+            "p = lcmrt.Pipeline.load(sys.argv[1]); p.sessions['unet'].run(_unet_feeds(p)); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, folder], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1]) / 2**20
+
+
+def diffusers_swap(model: str, lcm_lora: str, lora: str) -> dict:
+    """diffusers' own way to the same states: LCM fused, then the style LoRA loaded and fused at 0.8, then
+    re-fused at 0.5 (unfuse + set_adapters + fuse)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+    pipe.load_lora_weights(lcm_lora, adapter_name="lcm")
+    pipe.fuse_lora(adapter_names=["lcm"])
+    pipe.unload_lora_weights()
+    start = time.perf_counter()
+    pipe.load_lora_weights(lora, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    pipe.fuse_lora(adapter_names=["style"])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    pipe.unfuse_lora()
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    pipe.fuse_lora(adapter_names=["style"])
+    reweight = time.perf_counter() - start
+    return {"load_set_fuse_s": first, "unfuse_set_fuse_s": reweight}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fused", required=True)
+    parser.add_argument("--refit", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--lcm-lora", required=True)
+    parser.add_argument("--lora", required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    result = {"folders": compare_folders(args.fused, args.refit, args.repeats)}
+    result["peak_rss_gb"] = {"fused": peak_rss_gb(args.fused), "refit": peak_rss_gb(args.refit)}
+    result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
+    result["this_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
