@@ -112,14 +112,18 @@ def build_options(trt_version: str, graph_precision: str, refittable: bool, fp16
     return BuildOptions(strongly_typed, tuple(flags), mark, precision, tuple(notes))
 
 
-def refit_targets(refit_map: dict, component: str) -> list[str]:
-    """Graph weight names the refit map touches in `component`, in a stable order.
+def refit_targets(manifest: dict, component: str) -> list[str]:
+    """Graph weights of `component` that the folder's swappable adapters touch, in a stable order.
 
+    The refit map covers every Linear/Conv2d weight (so `lcmrt adapter add` can take any LoRA on ONNX
+    Runtime), but only the weights adapters target are marked refittable, so that TensorRT keeps full speed
+    on the rest; an adapter added later that touches other weights needs `lcmrt build --engines-only`.
     Refit map layout (lcmrt.export.adapters): {module: {"component": ..., "weight": initializer name, ...}}.
     """
+    targeted = {m for a in manifest.get("adapters", []) if not a.get("fused", True) for m in a.get("targets", [])}
     names = []
-    for module, entry in (refit_map or {}).items():
-        if entry.get("component") != component:
+    for module, entry in (manifest.get("refit_map") or {}).items():
+        if entry.get("component") != component or module not in targeted:
             continue
         if not entry.get("weight"):
             raise EngineFolderError(f"Refit map entry {module} names no graph weight. "
@@ -267,7 +271,7 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
         if precision == "fp16" and "fp16" not in manifest["components"][component].get("variants", {}):
             graph_precision = "fp32"  # no fp16 graph (the VAE decoder by default): an fp32 engine
         graph_file, graph_sha = source_graph(manifest, component, graph_precision)
-        targets = refit_targets(manifest.get("refit_map", {}), component)
+        targets = refit_targets(manifest, component)
         options = build_options(trt_version, graph_precision, refittable=bool(targets),
                                 fp16_flag=fp16_flag_for_fp32_graphs)
         entry_src = manifest["components"][component]

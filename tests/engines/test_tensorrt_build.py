@@ -66,19 +66,27 @@ def test_refit_targets_and_naming():
                                                     "transpose": True},
         "unet.mid_block.resnets.0.conv1": {"component": "unet", "weight": "unet.mid_block.resnets.0.conv1.weight"},
         "unet.up_blocks.1.attentions.0.to_q": {"component": "unet", "weight": "unet.x.to_q.base_layer.weight"},
+        "unet.up_blocks.1.attentions.0.to_k": {"component": "unet", "weight": "onnx::MatMul_950"},
         "text_encoder.encoder.layers.0.self_attn.q_proj": {"component": "text_encoder", "weight": "onnx::MatMul_7"},
     }
-    names = refit_targets(refit_map, "unet")
+    targets = ["unet.down_blocks.0.attentions.0.proj_in", "unet.mid_block.resnets.0.conv1",
+               "unet.up_blocks.1.attentions.0.to_q", "text_encoder.encoder.layers.0.self_attn.q_proj"]
+    manifest = {"refit_map": refit_map, "adapters": [
+        {"name": "lcm", "fused": True, "targets": ["unet.up_blocks.1.attentions.0.to_k"]},
+        {"name": "style", "fused": False, "targets": targets}]}
+    names = refit_targets(manifest, "unet")
+    # only weights a swappable adapter targets: to_k is in the map but only the fused LCM-LoRA touches it
     assert names == sorted(["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight",
                             "unet.x.to_q.base_layer.weight"])
-    assert refit_targets(refit_map, "text_encoder") == ["onnx::MatMul_7"]
-    assert refit_targets(refit_map, "vae_decoder") == [] and refit_targets({}, "unet") == []
+    assert refit_targets(manifest, "text_encoder") == ["onnx::MatMul_7"]
+    assert refit_targets(manifest, "vae_decoder") == [] and refit_targets({}, "unet") == []
     graph = {"onnx::MatMul_901": 0, "unet.mid_block.resnets.0.conv1.weight": 0}
     report = check_refit_targets(names + ["unet.gone.weight"], graph)
     assert report == {"found": ["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight"],
                       "peft_names": ["unet.x.to_q.base_layer.weight"], "missing": ["unet.gone.weight"]}
     with pytest.raises(EngineFolderError):
-        refit_targets({"unet.m": {"component": "unet", "transpose": False}}, "unet")
+        refit_targets({"refit_map": {"unet.m": {"component": "unet", "transpose": False}},
+                       "adapters": [{"fused": False, "targets": ["unet.m"]}]}, "unet")
 
 
 def test_dim_ranges():
