@@ -37,6 +37,7 @@ class BuildRequest:
     overwrite: bool = False
     refittable: bool = False  # keep style LoRAs unfused, swappable at run time
     refittable_lcm: bool = False  # keep the LCM-LoRA unfused too
+    ort_cpu_graphs: bool = True  # also save ONNX Runtime's optimized CPU graphs (fast session creation)
 
     @property
     def keeps_refit_map(self) -> bool:
@@ -179,25 +180,29 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
                     pipe, {c: tmp / components[c]["file"] for c in REFITTABLE_COMPONENTS}, required)
                 for c in REFITTABLE_COMPONENTS:  # the graphs were rewritten with external weights
                     components[c]["sha256"] = graph_hashes(tmp, components[c]["file"])
-        with stages.stage("write manifest"):
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "family": family.name,
-                "source": loaded.source,
-                "shapes": shapes,
-                "guidance_mode": req.guidance_mode,
-                "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
-                "tokenizer": copy_tokenizer(pipe.tokenizer, tmp),
-                "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor)},
-                "components": components,
-                "adapters": adapters,
-                "refittable": req.keeps_refit_map,
-                "refit_map": refit_map,
-                "model_configs": model_configs(pipe) if req.keeps_refit_map else None,
-                "engines": [],
-                "versions": _versions(),
-                "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          "opset": OPSET, "seconds": stages.seconds},
-            }
-            write_manifest(tmp, manifest)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": family.name,
+            "source": loaded.source,
+            "shapes": shapes,
+            "guidance_mode": req.guidance_mode,
+            "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
+            "tokenizer": copy_tokenizer(pipe.tokenizer, tmp),
+            "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor)},
+            "components": components,
+            "adapters": adapters,
+            "refittable": req.keeps_refit_map,
+            "refit_map": refit_map,
+            "model_configs": model_configs(pipe) if req.keeps_refit_map else None,
+            "engines": [],
+            "versions": _versions(),
+            "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "opset": OPSET, "seconds": stages.seconds},
+        }
+        if req.ort_cpu_graphs:
+            from ..engines.ort_optimize import optimize_folder
+
+            with stages.stage("optimize CPU graphs"):
+                optimize_folder(tmp, manifest)
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
     return manifest

@@ -80,6 +80,8 @@ def _console(quiet: bool):
 @click.option("--refittable", is_flag=True,
               help="Keep the --lora adapters unfused, swappable at run time (set_adapters, --adapter).")
 @click.option("--refittable-lcm", is_flag=True, help="Keep the LCM-LoRA unfused too, so its weight can change.")
+@click.option("--ort-cpu-graphs/--no-ort-cpu-graphs", default=True, show_default=True,
+              help="Also save ONNX Runtime's optimized CPU graphs, so sessions load in seconds (more disk).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt also builds TensorRT engines (on the GPU that will run them).")
 @click.option("--engines-only", type=click.Path(path_type=Path), default=None, metavar="FOLDER",
@@ -91,7 +93,8 @@ def _console(quiet: bool):
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, refittable, refittable_lcm, backend, engines_only, fp16, fp16_vae, workspace, quiet):
+          overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, workspace,
+          quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
@@ -123,7 +126,7 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
             model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
             loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
-            refittable=refittable, refittable_lcm=refittable_lcm)
+            refittable=refittable, refittable_lcm=refittable_lcm, ort_cpu_graphs=ort_cpu_graphs)
         manifest = build_engine_folder(request, stages)
         if console is not None:
             _print_build_summary(console, out, manifest)
@@ -302,8 +305,9 @@ def adapter_list(folder):
 @click.option("--repeats", default=3, show_default=True, help="Warm generations after the cold one.")
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
 @click.option("--prompt", default=None, help="Prompt to generate (default: a fixed one).")
+@click.option("--gemm-size", default=4096, show_default=True, help="N of the N^3 fp32 GEMM that measures the peak.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-def bench_command(folder, steps, guidance, repeats, backend, prompt, json_path):
+def bench_command(folder, steps, guidance, repeats, backend, prompt, gemm_size, json_path):
     """Time FOLDER: cold start, time per stage, images/s, peak RSS and the fraction of the fp32 roofline."""
     import json
 
@@ -314,7 +318,7 @@ def bench_command(folder, steps, guidance, repeats, backend, prompt, json_path):
 
         raise InputError(f"--repeats {repeats} must be at least 1.")
     result = bench.bench_folder(folder, backend=backend, steps=steps, guidance=guidance, repeats=repeats,
-                                prompt=prompt or bench.DEFAULT_PROMPT)
+                                prompt=prompt or bench.DEFAULT_PROMPT, gemm_size=gemm_size)
     s = result["summary"]
 
     def spread(stat, unit="s"):
@@ -336,7 +340,7 @@ def bench_command(folder, steps, guidance, repeats, backend, prompt, json_path):
         lines.append(f"step overhead   {s['overhead_per_step_s']['median'] * 1e3:.2f} ms "
                      f"({100 * s['overhead_fraction_of_step']:.2f}% of a step: sampler + runtime outside the UNet)")
     lines.append(f"peak RSS        {s['peak_rss_bytes'] / 1e9:.2f} GB")
-    lines.append(f"fp32 GEMM peak  {result['gemm_peak_gflops']:.1f} GFLOP/s (numpy {bench.GEMM_SIZE}^3; roofline "
+    lines.append(f"fp32 GEMM peak  {result['gemm_peak_gflops']:.1f} GFLOP/s (numpy {gemm_size}^3; roofline "
                  "fraction = the manifest's FLOPs / (time x peak))")
     click.echo("\n".join(lines))
     if json_path is not None:

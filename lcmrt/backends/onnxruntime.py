@@ -10,6 +10,7 @@ itself (a few fields of the ONNX protobuf, without the `onnx` package) to give c
 from __future__ import annotations
 
 import mmap
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ _ONNX_DTYPES = {
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
 PRECISIONS = ("fp32", "fp16")
+PRE_OPTIMIZED = "ort-cpu"  # manifest variant written by lcmrt.engines.ort_optimize
 _LISTED = 5  # names shown in an error before "..."
 
 
@@ -78,9 +80,16 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
-        path = verify_component(folder, manifest, component, self.precision)
-        session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id)
-        session.precision = component_entry(manifest, component, self.precision)["precision"]
+        variant = self.precision
+        pre_optimized = (self.device == "cpu" and self.precision == "fp32" and not weights
+                         and manifest["components"][component].get("variants", {}).get(PRE_OPTIMIZED, {})
+                         .get("key") == cpu_graph_key())
+        if pre_optimized:  # built on a CPU like this one: skip ONNX Runtime's graph optimizations at load
+            variant = PRE_OPTIMIZED
+        path = verify_component(folder, manifest, component, variant)
+        session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
+                             optimize=not pre_optimized)
+        session.precision = component_entry(manifest, component, variant)["precision"]
         return session
 
     def _providers(self, folder: Path) -> list:
@@ -106,12 +115,13 @@ class OnnxRuntimeBackend(Backend):
 
 class OrtSession(Session):
     def __init__(self, path: Path, component: str, providers: list, threads: int | None,
-                 weights: dict[str, np.ndarray] | None = None, device_id: int = 0):
+                 weights: dict[str, np.ndarray] | None = None, device_id: int = 0, optimize: bool = True):
         self.path = Path(path)
         self.component = component
         self._providers = providers
         self.provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
         self._threads = threads
+        self._optimize = optimize  # False for graphs ONNX Runtime already optimized at build time
         # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
         self._initializers: dict[str, tuple[TensorSpec, bool]] | None = None  # read on first refit
         self._weights: dict[str, np.ndarray] = self._checked(weights) if weights else {}
@@ -127,7 +137,8 @@ class OrtSession(Session):
 
     def _create(self, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self._optimize
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if self._threads is not None:
             options.intra_op_num_threads = self._threads
         if weights:
@@ -228,6 +239,19 @@ class OrtSession(Session):
         if self._initializers is None:
             self._initializers = read_initializers(self.path)
         return self._initializers
+
+
+def cpu_graph_key() -> dict:
+    """What a pre-optimized CPU graph depends on: ONNX Runtime's version and the CPU's instruction set."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                          "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve"})
+    return {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa": isa}
 
 
 class DeviceBinding:
