@@ -85,7 +85,8 @@ def _console(quiet: bool):
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt also builds TensorRT engines (on the GPU that will run them).")
 @click.option("--engines-only", type=click.Path(path_type=Path), default=None, metavar="FOLDER",
-              help="Build the --backend tensorrt engines (and FP16 graphs) of an existing engine folder.")
+              help="Build this machine's engines for an existing folder: TensorRT engines (and FP16 graphs) "
+                   "with --backend tensorrt, else ONNX Runtime's optimized CPU graphs.")
 @click.option("--fp16/--no-fp16", default=None,
               help="Write FP16 text encoder and UNet graphs (default: on with --backend tensorrt).")
 @click.option("--fp16-vae", is_flag=True, help="Also an FP16 VAE decoder (NaN output falls back to fp32).")
@@ -115,6 +116,14 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
         if model or lcm_lora or out:
             raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora and --out.")
         folder = engines_only
+        if ort_cpu_graphs and backend == "onnxruntime":  # this machine's CPU graphs (they are CPU-specific)
+            from .engines.ort_optimize import optimize_folder
+            from .manifest import load_manifest, write_manifest
+
+            with stages.stage("optimize CPU graphs"):
+                manifest = load_manifest(folder)
+                optimize_folder(folder, manifest)
+                write_manifest(folder, manifest)
     else:
         missing = [name for name, value in (("MODEL", model), ("--lcm-lora", lcm_lora), ("--out", out)) if not value]
         if missing:
