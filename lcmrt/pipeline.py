@@ -50,6 +50,10 @@ class Pipeline:
         (default: the weights they were built with)."""
         folder = Path(folder)
         manifest = load_manifest(folder)
+        if backend == "auto" and any(e.get("backend") == "tensorrt" for e in manifest.get("engines", [])):
+            from .backends.tensorrt import TensorRTBackend
+
+            backend = "tensorrt" if TensorRTBackend.installed() else backend
         engine = get_backend(backend, **backend_options)
         bank = AdapterBank(folder, manifest)
         active = bank.check(bank.defaults() if adapters is None else adapters)
