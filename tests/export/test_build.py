@@ -184,7 +184,10 @@ def test_components_files_and_hashes(manifest, tiny_engine):
         assert entry["parameters"] > 0 and entry["flops"] > 0
     # nothing else in the folder: no scratch export folders or partial files
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-    assert {f for f in files if not f.startswith("tokenizer/")} == {"manifest.json", *(f"{c}.onnx" for c in COMPONENTS)}
+    # the graphs, and ONNX Runtime's pre-optimized CPU graphs with their weights
+    expected = {"manifest.json", *(f"{c}{suffix}" for c in COMPONENTS
+                                   for suffix in (".onnx", ".ort-cpu.onnx", ".ort-cpu.onnx.data"))}
+    assert {f for f in files if not f.startswith("tokenizer/")} == expected
     assert "tokenizer/tokenizer.json" in files
     assert not [p for p in folder.rglob(".*")]
 

@@ -285,19 +285,32 @@ def test_unreadable_manifest(engine_copy):
         Pipeline.load(engine_copy)
 
 
-@pytest.mark.parametrize("graph", ["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
-def test_missing_graph(engine_copy, graph):
+@pytest.fixture(params=["pre-optimized", "plain"])
+def graph_suffix(request, monkeypatch):
+    """The files the CPU backend reads: the build's pre-optimized graphs on this CPU, the plain ones on another."""
+    if request.param == "plain":
+        import lcmrt.backends.onnxruntime as ort_backend
+
+        monkeypatch.setattr(ort_backend, "cpu_graph_key", lambda: {"onnxruntime": "other"})
+        return ".onnx"
+    return ".ort-cpu.onnx"
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+def test_missing_graph(engine_copy, graph_suffix, component):
+    graph = component + graph_suffix
     (engine_copy / graph).unlink()
     with pytest.raises(EngineFolderError, match=rf"{graph} is missing from the engine folder\. Rebuild"):
         Pipeline.load(engine_copy)
 
 
-def test_modified_graph(engine_copy):
-    path = engine_copy / "unet.onnx"
+def test_modified_graph(engine_copy, graph_suffix):
+    graph = "unet" + graph_suffix
+    path = engine_copy / graph
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(EngineFolderError, match=r"unet\.onnx does not match the hash recorded at build time.*Rebuild"):
+    with pytest.raises(EngineFolderError, match=rf"{graph} does not match the hash recorded at build time.*Rebuild"):
         Pipeline.load(engine_copy)
 
 
