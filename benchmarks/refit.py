@@ -19,54 +19,59 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+from benchmarks.refit_strategies import unet_feeds
 
 SWAPS = (0.5, 0.8, 0.0, 0.8)
 
 
-def _unet_feeds(pipe) -> dict:
-    s = pipe.shapes
-    rng = np.random.default_rng(0)
-    hidden = pipe.sessions["unet"].inputs["encoder_hidden_states"].shape[-1]
-    return {"sample": rng.standard_normal((s["batch"], s["latent_channels"], s["latent_height"], s["latent_width"]),
-                                          dtype=np.float32),
-            "timestep": np.array([759.0], dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((s["batch"], s["text_length"], hidden), dtype=np.float32)}
+def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 2) -> dict:
+    """UNet step of the fused and the refit folder, in rounds that reload each in turn (holding both at
+    once would need ~16 GB at full size), then swap timings on the refit folder."""
+    import gc
 
-
-def compare_folders(fused_dir: str, refit_dir: str, repeats: int) -> dict:
     import lcmrt
+    from lcmrt.backends import get_backend
+    from lcmrt.manifest import load_manifest
 
-    start = time.perf_counter()
-    fused = lcmrt.Pipeline.load(fused_dir)
-    load_fused = time.perf_counter() - start
-    start = time.perf_counter()
-    refit = lcmrt.Pipeline.load(refit_dir)  # applies the built weight (0.8) while creating the sessions
-    load_refit = time.perf_counter() - start
-    feeds = _unet_feeds(fused)
+    feeds = unet_feeds(load_manifest(fused_dir))
     times = {"fused": [], "refit": []}
-    outputs = {}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, pipe in (("fused", fused), ("refit", refit)):
+    outputs, load_s = {}, {"fused": [], "refit": []}
+    refit = None
+    for _ in range(rounds):
+        for name in ("fused", "refit"):
+            refit = None  # one folder in memory at a time
+            gc.collect()
             start = time.perf_counter()
-            outputs[name] = pipe.sessions["unet"].run(feeds)["noise_pred"]
-            times[name].append(time.perf_counter() - start)
-    step = {name: statistics.median(t[1:]) for name, t in times.items()}
+            if name == "fused":
+                unet = get_backend("onnxruntime").load(Path(fused_dir), load_manifest(fused_dir), "unet")
+            else:  # the whole pipeline: it applies the built weight (0.8) while creating the sessions
+                refit = lcmrt.Pipeline.load(refit_dir)
+                unet = refit.sessions["unet"]
+            load_s[name].append(time.perf_counter() - start)
+            unet.run(feeds)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                outputs[name] = unet.run(feeds)["noise_pred"]
+                times[name].append(time.perf_counter() - start)
+            del unet
+            gc.collect()
+    step = {name: statistics.median(t) for name, t in times.items()}
 
     swaps = []
-    bank = refit._bank
     for weight in SWAPS:
         start = time.perf_counter()
-        bank.weights_for(refit._active, {"style": weight})
+        refit._bank.weights_for(refit._active, {"style": weight})
         compute = time.perf_counter() - start
         start = time.perf_counter()
         refit.set_adapters({"style": weight})
         swaps.append({"weight": weight, "compute_s": compute, "total_s": time.perf_counter() - start})
     after = refit.sessions["unet"].run(feeds)["noise_pred"]
     return {
-        "load_s": {"fused": load_fused, "refit": load_refit},
-        "unet_step_s": step, "unet_step_runs_s": times,
+        "load_s": load_s, "unet_step_s": step, "unet_step_runs_s": times,
         "refit_vs_fused_step": step["refit"] / step["fused"],
         "max_abs_diff_unet_refit_vs_fused": float(np.abs(outputs["refit"] - outputs["fused"]).max()),
         "back_to_0.8_bitwise": bool(np.array_equal(after, outputs["refit"])),
@@ -77,8 +82,8 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int) -> dict:
 
 def peak_rss_gb(folder: str) -> float:
     """Peak RSS of a fresh process that loads `folder` and runs one UNet step."""
-    code = ("import sys, resource, lcmrt; from benchmarks.refit import _unet_feeds; "
-            "p = lcmrt.Pipeline.load(sys.argv[1]); p.sessions['unet'].run(_unet_feeds(p)); "
+    code = ("import sys, resource, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
+            "p = lcmrt.Pipeline.load(sys.argv[1]); p.sessions['unet'].run(unet_feeds(p.manifest)); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, folder], check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 2**20
