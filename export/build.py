@@ -38,6 +38,7 @@ class BuildRequest:
     refittable: bool = False  # keep style LoRAs unfused, swappable at run time
     refittable_lcm: bool = False  # keep the LCM-LoRA unfused too
     ort_cpu_graphs: bool = True  # also save ONNX Runtime's optimized CPU graphs (fast session creation)
+    vae_decoder: Path | None = None  # an AutoencoderTiny folder (TAESD) to decode with instead of the model's VAE
 
     @property
     def keeps_refit_map(self) -> bool:
@@ -62,6 +63,34 @@ def check_request(req: BuildRequest) -> None:
     for spec in [req.lcm_lora, *req.loras]:
         if not Path(spec.path).is_file():
             raise InputError(f"LoRA file {spec.path} does not exist.")
+    if req.vae_decoder is not None:
+        check_tiny_vae_folder(Path(req.vae_decoder), req.allow_pickle)
+
+
+TINY_VAE_CLASS = "AutoencoderTiny"
+TINY_VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def check_tiny_vae_folder(path: Path, allow_pickle: bool = False) -> None:
+    """--vae-decoder must be a diffusers AutoencoderTiny folder (TAESD's layout): config.json + weights."""
+    import json
+
+    hint = ("--vae-decoder takes a diffusers AutoencoderTiny folder (TAESD layout: config.json and "
+            "diffusion_pytorch_model.safetensors), e.g. a local copy of madebyollin/taesd.")
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise InputError(f"{path} is not a folder with a config.json. {hint}")
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise InputError(f"{config} is not a JSON object. {hint}") from None
+    if class_name != TINY_VAE_CLASS:
+        raise InputError(f"{config} has _class_name {class_name!r}, not {TINY_VAE_CLASS!r}. {hint}")
+    if not any((path / name).is_file() for name in TINY_VAE_WEIGHTS[:2 if allow_pickle else 1]):
+        pickled = (path / TINY_VAE_WEIGHTS[1]).is_file() and not allow_pickle
+        raise InputError(f"{path} has no {TINY_VAE_WEIGHTS[0]}"
+                         + (f" (its {TINY_VAE_WEIGHTS[1]} is pickled: pass --allow-pickle to load it)" if pickled else "")
+                         + f". {hint}")
 
 
 @contextmanager
@@ -143,6 +172,22 @@ def build_engine_folder(req: BuildRequest, stages: Stages | None = None) -> dict
         return _build(req, stages)
 
 
+def load_tiny_vae(path: Path, family, allow_pickle: bool = False):
+    """The AutoencoderTiny at `path` (checked by check_tiny_vae_folder), fp32, for the family's latents."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    try:
+        vae = AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch.float32,
+                                              use_safetensors=None if allow_pickle else True)
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError...
+        raise InputError(f"Could not load the AutoencoderTiny at {path}: {type(e).__name__}: {e}") from e
+    if vae.config.latent_channels != family.latent_channels:
+        raise InputError(f"{path} decodes {vae.config.latent_channels}-channel latents, but {family.name} makes "
+                         f"{family.latent_channels}-channel ones: use the tiny VAE trained for this model family.")
+    return vae.eval()
+
+
 def _build(req: BuildRequest, stages: Stages) -> dict:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
@@ -162,6 +207,10 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
                     for record in fuse_loras(pipe, fused, allow_pickle=req.allow_pickle)]
     shapes = build_shapes(family, req)
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    tiny_vae = None
+    if req.vae_decoder is not None:
+        with stages.stage("load VAE decoder"):
+            tiny_vae = load_tiny_vae(Path(req.vae_decoder), family, req.allow_pickle)
 
     with atomic_folder(req.out, req.overwrite) as tmp:
         if req.keeps_refit_map:
@@ -169,9 +218,11 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
                 adapters += [pack_adapter(pipe, spec, tmp, req.allow_pickle)
                              for spec in loras if req.is_refittable(spec)]
         components = {}
-        for spec in component_exports(pipe, shapes):
+        for spec in component_exports(pipe, shapes, vae_decoder=tiny_vae):
             with stages.stage(f"export {spec.name}"):
                 components[spec.name] = export_component(spec, tmp, vocab_size=pipe.text_encoder.config.vocab_size)
+        components["vae_decoder"]["source"] = (
+            type(pipe.vae).__name__ if tiny_vae is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
         refit_map = {}
         if req.keeps_refit_map:
             with stages.stage("refit map"):

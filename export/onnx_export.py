@@ -51,7 +51,8 @@ class UNetGraph(torch.nn.Module):
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    """Takes the sampler's latents; the 1/scaling_factor is part of the graph."""
+    """Takes the sampler's latents; the 1/scaling_factor is part of the graph. Also wraps an AutoencoderTiny
+    (TAESD), whose scaling_factor is 1.0: it decodes the sampler's latents as they are, to [-1, 1] as well."""
 
     def __init__(self, vae):
         super().__init__()
@@ -90,8 +91,9 @@ class ComponentExport:
     dim_values: dict[str, list[int]] = field(default_factory=dict)  # symbolic dim -> allowed sizes
 
 
-def component_exports(pipe, shapes: dict) -> list[ComponentExport]:
-    """The graphs an engine folder holds, with the shapes of the build's profile."""
+def component_exports(pipe, shapes: dict, vae_decoder=None) -> list[ComponentExport]:
+    """The graphs an engine folder holds, with the shapes of the build's profile; `vae_decoder` (e.g. an
+    AutoencoderTiny) replaces the pipeline's VAE for decoding."""
     n, lh, lw = shapes["batch"], shapes["latent_height"], shapes["latent_width"]
     c, t = shapes["latent_channels"], shapes["text_length"]
     d = pipe.text_encoder.config.hidden_size
@@ -106,7 +108,7 @@ def component_exports(pipe, shapes: dict) -> list[ComponentExport]:
                          "encoder_hidden_states": ((unet_batch, t, d), "float32")},
                         ["noise_pred"],
                         {"unet_batch": unet_batches} if unet_batch == "unet_batch" else {}),
-        ComponentExport("vae_decoder", VaeDecoderGraph(pipe.vae),
+        ComponentExport("vae_decoder", VaeDecoderGraph(pipe.vae if vae_decoder is None else vae_decoder),
                         {"latents": ((n, c, lh, lw), "float32")}, ["image"]),
         ComponentExport("vae_encoder", VaeEncoderGraph(pipe.vae),
                         {"image": ((n, 3, shapes["height"], shapes["width"]), "float32")},

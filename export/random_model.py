@@ -4,7 +4,8 @@ No weights can be downloaded where lcmrt is built and tested, so every command c
 generated here: the real SD1.5 architecture (`full`, for benchmarks) or the same block types at a tiny width
 (`tiny`, seconds to build, for tests and the README demo). Next to the model go two LoRA files in the
 formats met in the field: an LCM-LoRA in kohya format like `latent-consistency/lcm-lora-sdv1-5` (LCM-LoRA:
-arXiv 2311.05556) and a style LoRA in diffusers/peft format on the UNet and the text encoder.
+arXiv 2311.05556) and a style LoRA in diffusers/peft format on the UNet and the text encoder. On request
+(`taesd=True`) also a tiny VAE in TAESD's architecture (diffusers' AutoencoderTiny), for `--vae-decoder`.
 
 The CLIP tokenizer is trained here too: CLIP's pipeline (normalizer, split regex, byte-level BPE with
 `</w>` word ends, `<|startoftext|>`/`<|endoftext|>`) on a small built-in prompt corpus, because the real
@@ -49,6 +50,10 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also CLIP's pad and unk token
 # BPE stops merging when no pair occurs this often: rarer merges would only memorize single words.
 BPE_MIN_PAIR_COUNT = 2
+# A default-initialized TAESD decoder outputs ~0.04 +- 0.05 (real ones: an image in [0, 1]), i.e. a nearly
+# black, partly clipped image; its last conv is rescaled to mid-gray with this spread, so image comparisons
+# see every pixel.
+TAESD_OUTPUT_MEAN, TAESD_OUTPUT_STD = 0.5, 0.15
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class RandomModelPreset:
     lcm_rank: int
     lcm_alpha: float  # != rank so that the alpha / rank scaling is exercised
     style_rank: int  # style LoRA has no alpha keys: alpha = rank
+    taesd: dict  # AutoencoderTiny kwargs (TAESD's architecture: github.com/madebyollin/taesd)
 
 
 SD15_FULL = RandomModelPreset(
@@ -85,6 +91,14 @@ SD15_FULL = RandomModelPreset(
         projection_dim=768,
     ),
     lcm_rank=64, lcm_alpha=32.0, style_rank=16,
+    # TAESD as diffusers ships it (madebyollin/taesd): 64 channels, 1.22M decoder params, scaling_factor 1.0
+    # (it decodes SD's scaled latents as they are).
+    taesd=dict(
+        encoder_block_out_channels=(64, 64, 64, 64), decoder_block_out_channels=(64, 64, 64, 64),
+        num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1), latent_channels=4,
+        act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2, latent_magnitude=3,
+        latent_shift=0.5, scaling_factor=1.0,
+    ),
 )
 
 SD15_TINY = RandomModelPreset(
@@ -108,6 +122,12 @@ SD15_TINY = RandomModelPreset(
         projection_dim=32,
     ),
     lcm_rank=8, lcm_alpha=4.0, style_rank=4,
+    taesd=dict(
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1), latent_channels=4,
+        act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2, latent_magnitude=3,
+        latent_shift=0.5, scaling_factor=1.0,
+    ),
 )
 
 PRESETS: dict[tuple[str, str], RandomModelPreset] = {
@@ -176,8 +196,9 @@ def get_preset(arch: str, size: str) -> RandomModelPreset:
 
 
 def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: int = 0,
-                       overwrite: bool = False) -> dict[str, Path]:
-    """Write OUT/model (a diffusers folder), OUT/lcm-lora.safetensors and OUT/style-lora.safetensors."""
+                       overwrite: bool = False, taesd: bool = False) -> dict[str, Path]:
+    """Write OUT/model (a diffusers folder), OUT/lcm-lora.safetensors and OUT/style-lora.safetensors; with
+    `taesd`, also OUT/taesd (an AutoencoderTiny folder)."""
     out = Path(out)
     preset = get_preset(arch, size)
     if out.exists() and not overwrite:
@@ -193,6 +214,8 @@ def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: 
         save_safetensors(tmp / "lcm-lora.safetensors", lcm, lcm_meta)
         save_safetensors(tmp / "style-lora.safetensors",
                          style_lora_state_dict(pipe.unet, pipe.text_encoder, preset, seed))
+        if taesd:
+            build_taesd(preset, seed).save_pretrained(tmp / "taesd", safe_serialization=True)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -201,8 +224,9 @@ def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"model": out / "model", "lcm_lora": out / "lcm-lora.safetensors",
-            "style_lora": out / "style-lora.safetensors"}
+    paths = {"model": out / "model", "lcm_lora": out / "lcm-lora.safetensors",
+             "style_lora": out / "style-lora.safetensors"}
+    return {**paths, "taesd": out / "taesd"} if taesd else paths
 
 
 def build_pipeline(preset: RandomModelPreset, seed: int):
@@ -225,6 +249,27 @@ def build_pipeline(preset: RandomModelPreset, seed: int):
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=PNDMScheduler(**SD15_PNDM_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
+
+
+def build_taesd(preset: RandomModelPreset, seed: int):
+    """An AutoencoderTiny of TAESD's architecture, seeded, its decoder output set to mid-gray."""
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        # its own stream: the main model's weights stay the same bytes with or without it
+        torch.manual_seed(int(np.random.SeedSequence([seed, 3]).generate_state(1)[0]))
+        vae = AutoencoderTiny(**preset.taesd).eval()
+        latents = torch.randn(1, preset.taesd["latent_channels"], 8, 8)
+    layers = vae.decoder.layers
+    with torch.no_grad():
+        # as DecoderTiny.forward: soft clamp, layers (its [0, 1] -> [-1, 1] comes after)
+        out = layers[:-1](torch.tanh(latents / 3) * 3)
+        out = layers[-1](out)  # [1, 3, 64, 64]
+        mean, std = out.mean(dim=(0, 2, 3)), out.std(dim=(0, 2, 3))
+        gain = TAESD_OUTPUT_STD / std
+        layers[-1].weight.mul_(gain[:, None, None, None])
+        layers[-1].bias.copy_((layers[-1].bias - mean) * gain + TAESD_OUTPUT_MEAN)
+    return vae
 
 
 # ---------------------------------------------------------------------------------------------- LoRAs

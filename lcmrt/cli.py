@@ -43,11 +43,12 @@ def cli(ctx, debug):
               help="tiny: seconds to build, for tests; full: the real architecture, for benchmarks.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def random_model(out, arch, size, seed, overwrite):
+@click.option("--taesd", is_flag=True, help="Also a random tiny VAE (AutoencoderTiny) in OUT/taesd, for --vae-decoder.")
+def random_model(out, arch, size, seed, overwrite, taesd):
     """Write a random-weight model of a real architecture plus LCM and style LoRAs to OUT."""
     from .export.random_model import write_random_model
 
-    paths = write_random_model(out, arch=arch, size=size, seed=seed, overwrite=overwrite)
+    paths = write_random_model(out, arch=arch, size=size, seed=seed, overwrite=overwrite, taesd=taesd)
     for role, path in paths.items():
         click.echo(f"{role:>10}: {path}")
 
@@ -90,12 +91,18 @@ def _console(quiet: bool):
 @click.option("--fp16/--no-fp16", default=None,
               help="Write FP16 text encoder and UNet graphs (default: on with --backend tensorrt).")
 @click.option("--fp16-vae", is_flag=True, help="Also an FP16 VAE decoder (NaN output falls back to fp32).")
+@click.option("--int8", is_flag=True,
+              help="Also an INT8 UNet graph (lossy, faster on CPU; its fidelity vs fp32 is measured and printed); "
+                   "run it with precision='int8'.")
+@click.option("--vae-decoder", "vae_decoder", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Decode with this AutoencoderTiny folder (TAESD) instead of the model's VAE: much less "
+                   "compute, lower fidelity.")
 @click.option("--workspace", default="2G", show_default=True,
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, workspace,
-          quiet):
+          overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, int8,
+          vae_decoder, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
@@ -113,8 +120,9 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
         if not TensorRTBackend.installed():
             raise BackendError(f"--backend tensorrt needs TensorRT and CuPy on this machine. {INSTALL_HINT}")
     if engines_only is not None:
-        if model or lcm_lora or out:
-            raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora and --out.")
+        if model or lcm_lora or out or vae_decoder:
+            raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out "
+                             "and --vae-decoder.")
         folder = engines_only
         if ort_cpu_graphs and backend == "onnxruntime":  # this machine's CPU graphs (they are CPU-specific)
             from .engines.ort_optimize import optimize_folder
@@ -128,6 +136,9 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
         missing = [name for name, value in (("MODEL", model), ("--lcm-lora", lcm_lora), ("--out", out)) if not value]
         if missing:
             raise InputError(f"lcmrt build needs {', '.join(missing)} (or --engines-only FOLDER). See `lcmrt build --help`.")
+        if int8 and (refittable or refittable_lcm):  # fail before minutes of export, not after
+            raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
+                             "--refittable-lcm keep swappable: leave out one or the other.")
         from .export.build import BuildRequest, build_engine_folder
         from .export.lora import LoraSpec, parse_lora_arg
 
@@ -135,7 +146,8 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
             model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
             loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
-            refittable=refittable, refittable_lcm=refittable_lcm, ort_cpu_graphs=ort_cpu_graphs)
+            refittable=refittable, refittable_lcm=refittable_lcm, ort_cpu_graphs=ort_cpu_graphs,
+            vae_decoder=vae_decoder)
         manifest = build_engine_folder(request, stages)
         if console is not None:
             _print_build_summary(console, out, manifest)
@@ -154,6 +166,20 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
                 console.print(f"{name} fp16 vs fp32: max abs diff {fidelity['max_abs_diff']:.2e}"
                               + (f", PSNR {psnr[0]:.1f} dB" if psnr else "")
                               + ("" if fidelity["finite"] else " [red]non-finite output[/red]"))
+    if int8:
+        from .engines.quantize import quantize_folder
+        from .manifest import load_manifest, write_manifest
+
+        with stages.stage("INT8 graphs"):
+            manifest = load_manifest(folder)
+            entries = quantize_folder(folder, manifest)
+            write_manifest(folder, manifest)
+        if console is not None:
+            for name, entry in entries.items():
+                for output, fidelity in entry["fidelity"]["outputs"].items():
+                    console.print(f"{name} int8 vs fp32: {output} max abs diff {fidelity['max_abs_diff']:.2e} "
+                                  f"({100 * fidelity['relative']:.2f}% of its peak)"
+                                  + (f", PSNR {fidelity['psnr_db']:.1f} dB" if "psnr_db" in fidelity else ""))
     if backend == "tensorrt":
         from .engines.tensorrt import build_engines
 
@@ -189,18 +215,23 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the PNG).")
 @click.option("--num-images", default=1, show_default=True)
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="ONNX Runtime: run the folder's fp16 or int8 graphs where it has them (default fp32).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
               help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
 @click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG path; with several images, -0, -1, ... are appended to the name.")
-def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, adapters, output):
+def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, precision, adapters,
+             output):
     """Generate images for PROMPT with the engine folder FOLDER."""
     from . import __version__
     from .images import save_png
     from .pipeline import Pipeline
 
     load_start = time.perf_counter()
-    pipe = Pipeline.load(folder, backend=backend, adapters=_adapter_weights(adapters) if adapters else None)
+    options = {"precision": precision} if precision else {}
+    pipe = Pipeline.load(folder, backend=backend, adapters=_adapter_weights(adapters) if adapters else None,
+                         **options)
     load_seconds = time.perf_counter() - load_start
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   seed=seed, num_images=num_images)

@@ -40,7 +40,7 @@ _ONNX_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # a component without the variant runs its fp32 graph
 PRE_OPTIMIZED = "ort-cpu"  # manifest variant written by lcmrt.engines.ort_optimize
 _LISTED = 5  # names shown in an error before "..."
 
@@ -81,7 +81,8 @@ class OnnxRuntimeBackend(Backend):
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
         variant = self.precision
-        pre_optimized = (self.device == "cpu" and self.precision == "fp32" and not weights
+        pre_optimized = (self.device == "cpu" and not weights
+                         and component_entry(manifest, component, self.precision)["precision"] == "fp32"
                          and manifest["components"][component].get("variants", {}).get(PRE_OPTIMIZED, {})
                          .get("key") == cpu_graph_key())
         if pre_optimized:  # built on a CPU like this one: skip ONNX Runtime's graph optimizations at load

@@ -1,0 +1,143 @@
+"""INT8 graphs: quantize an engine folder's fp32 graphs to `<component>.int8.onnx`, and measure them.
+
+ONNX Runtime's dynamic quantization (`onnxruntime.quantization.quantize_dynamic`): the weights of MatMul and
+Gemm nodes with a constant B are stored as int8 with one scale per output channel; activations are quantized
+to uint8 per tensor at run time (DynamicQuantizeLinear), and at session creation ONNX Runtime fuses the
+products into DynamicQuantizeMatMul / MatMulIntegerToFloat kernels (VNNI int8 dot products where present).
+No calibration data is needed, which suits random and real weights alike. Attention score products
+(Q @ K^T, both activations) stay fp32, and so do convolutions (see `INT8_OP_TYPES`). On the full SD1.5 UNet
+the quantized products are 233 of 803 GFLOP per step (convolutions 444, attention scores 126).
+
+This is an opt-in, lossy option: fidelity is measured in ONNX Runtime, int8 graph against fp32 graph on the
+same seeded inputs, and recorded in the manifest next to the variant. Graph inputs and outputs stay float32,
+so the runtime feeds both precisions the same arrays. Components whose weights are refit at run time are
+refused: quantization replaces the weights the refit map names.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError
+from ..manifest import file_sha256
+from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs, psnr
+
+INT8_SUFFIX = ".int8.onnx"
+# MatMul/Gemm only. Full SD1.5 UNet step, AVX-512 VNNI CPU, ONNX Runtime 1.31, 2 threads: fp32 5.9 s, these
+# int8 4.9 s; with Conv too (ConvInteger) 14.5 s and 4x the error (README.md, "Trading fidelity for speed").
+INT8_OP_TYPES = ("MatMul", "Gemm")
+# One weight scale per output channel, the usual choice for weights (per tensor measured the same on the tiny model).
+INT8_PER_CHANNEL = True
+DEFAULT_INT8_COMPONENTS = ("unet",)
+# Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+_IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
+
+
+def refit_components(manifest: dict) -> set[str]:
+    """Components whose weights may be refit at run time (their refit map names fp32 weights)."""
+    return {entry["component"] for entry in manifest.get("refit_map", {}).values()}
+
+
+def quantize_component(folder: Path, manifest: dict, component: str,
+                       op_types: tuple[str, ...] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL) -> dict:
+    """Write `<component>.int8.onnx` (+ `.data` for graphs over 2 GB) and return its variant entry."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    entry = manifest["components"][component]
+    source = folder / entry["file"]
+    graph = f"{component}{INT8_SUFFIX}"
+    large = sum((folder / name).stat().st_size for name in entry["sha256"]) > EXTERNAL_DATA_THRESHOLD
+    for stale in (graph, f"{graph}.data"):  # a rerun must not leave an old data file hashed with the new graph
+        (folder / stale).unlink(missing_ok=True)
+    # it logs "consider pre-processing" on the root logger at every call: advice for static quantization
+    silenced = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(source, folder / graph, op_types_to_quantize=list(op_types), per_channel=per_channel,
+                         weight_type=QuantType.QInt8, use_external_data_format=large)
+    except Exception as e:  # the quantizer raises many types; name the component
+        raise ExportError(f"Quantizing {component} to int8 failed: {type(e).__name__}: {e}") from e
+    finally:
+        logging.disable(silenced)
+        (folder / f"{source.stem}-inferred.onnx").unlink(missing_ok=True)  # its shape-inferred copy
+    model = onnx.load(str(folder / graph), load_external_data=False)
+    quantized = sum(n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
+    if not quantized:
+        raise ExportError(f"{component} has no {'/'.join(op_types)} node with constant weights to quantize.")
+    files = [name for name in (graph, f"{graph}.data") if (folder / name).is_file()]
+    return {
+        "file": graph,
+        "sha256": {name: file_sha256(folder / name) for name in files},
+        "precision": "int8",
+        "io_dtype": "float32",
+        "quantization": {"method": "onnxruntime-dynamic", "op_types": list(op_types), "weights": "int8",
+                         "activations": "uint8 (per tensor, at run time)", "per_channel": per_channel,
+                         "quantized_nodes": quantized},
+        "source_sha256": entry["sha256"][entry["file"]],
+    }
+
+
+def measure_fidelity(fp32_path: str | Path, int8_path: str | Path, feeds: dict[str, np.ndarray],
+                     image_outputs: tuple[str, ...] = ()) -> dict:
+    """Run both graphs in ONNX Runtime (CPU) on `feeds`: max abs diff per output (and relative to the fp32
+    output's peak), and the PSNR of outputs that are images in [-1, 1] (mapped to [0, 1] as the pipeline does)."""
+    import onnxruntime as ort
+
+    runs = []
+    for path in (fp32_path, int8_path):  # one session at a time: two full-size UNets would double the memory
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        runs.append(dict(zip(names, session.run(names, feeds))))
+        del session
+    reference, test = runs
+    report = {"outputs": {}, "runtime": "onnxruntime-cpu", "finite": True}
+    for name, ref in reference.items():
+        got = test[name]
+        finite = bool(np.all(np.isfinite(got)))
+        report["finite"] &= finite
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if finite else math.inf
+        peak = float(np.max(np.abs(ref)))
+        out = {"max_abs_diff": diff, "max_abs_reference": peak, "relative": diff / peak if peak else math.inf}
+        if name in image_outputs:
+            out["psnr_db"] = psnr(np.clip(ref / 2 + 0.5, 0, 1), np.clip(got / 2 + 0.5, 0, 1))
+        report["outputs"][name] = out
+    report["max_abs_diff"] = max(o["max_abs_diff"] for o in report["outputs"].values())
+    return report
+
+
+def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, ...] = DEFAULT_INT8_COMPONENTS,
+                    seed: int = FIDELITY_SEED, op_types: tuple[str, ...] = INT8_OP_TYPES,
+                    per_channel: bool = INT8_PER_CHANNEL) -> dict[str, dict]:
+    """Write int8 graphs for `components`, measure each against its fp32 graph, and record them in `manifest`
+    as `components[c]["variants"]["int8"]`; return component -> variant entry. The caller writes the manifest."""
+    folder = Path(folder)
+    refit = refit_components(manifest)
+    for component in components:
+        if component not in manifest["components"]:
+            raise ExportError(f"{folder} has no {component!r} component to quantize "
+                              f"(it has {', '.join(manifest['components'])}).")
+        if component in refit:
+            raise ExportError(
+                f"{folder}: {component} is refit at run time (built with --refittable), and int8 quantization "
+                "replaces the weights its refit map names. Build without --refittable to quantize it.")
+    vocab = _vocab_size(folder, manifest)
+    entries = {}
+    for component in components:
+        entry = quantize_component(folder, manifest, component, op_types, per_channel)
+        fp32 = manifest["components"][component]
+        fidelity = measure_fidelity(folder / fp32["file"], folder / entry["file"],
+                                    example_inputs(fp32, seed, vocab), _IMAGE_OUTPUTS.get(component, ()))
+        fidelity["seed"] = seed
+        entry["fidelity"] = fidelity
+        fp32.setdefault("variants", {})["int8"] = entry
+        entries[component] = entry
+    return entries
+
+
+__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_SUFFIX", "measure_fidelity", "quantize_component",
+           "quantize_folder"]

@@ -1,0 +1,104 @@
+"""lcmrt/engines/quantize.py: INT8 graph variants of the tiny engine folder, their fidelity against the fp32
+graphs, and loading them with precision="int8"."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import lcmrt
+from lcmrt.cli import cli
+from lcmrt.engines.fp16 import psnr
+from lcmrt.engines.quantize import INT8_SUFFIX, quantize_folder
+from lcmrt.errors import EngineFolderError, ExportError
+from lcmrt.manifest import file_sha256, load_manifest, write_manifest
+
+# Whole-image bound on the tiny model (4 steps, [0, 1] images): the int8 UNet moves the image by ~2e-3
+# (measured 68.8 dB); 30 dB still catches a broken graph (those land near 10 dB).
+MIN_IMAGE_PSNR_DB = 30.0
+# UNet output vs the fp32 graph on the seeded inputs, relative to the output's peak (measured 0.66%).
+MAX_UNET_RELATIVE_DIFF = 0.05
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_engine, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8") / "engine"
+    shutil.copytree(tiny_engine, folder)
+    manifest = load_manifest(folder)
+    quantize_folder(folder, manifest)
+    write_manifest(folder, manifest)
+    return folder
+
+
+def test_variant_is_written_and_recorded(int8_engine):
+    manifest = load_manifest(int8_engine)
+    entry = manifest["components"]["unet"]["variants"]["int8"]
+    assert entry["file"] == f"unet{INT8_SUFFIX}" and entry["precision"] == "int8"
+    assert entry["sha256"] == {entry["file"]: file_sha256(int8_engine / entry["file"])}
+    assert entry["source_sha256"] == manifest["components"]["unet"]["sha256"]["unet.onnx"]
+    assert entry["quantization"]["op_types"] == ["MatMul", "Gemm"] and entry["quantization"]["quantized_nodes"] > 0
+    fidelity = entry["fidelity"]["outputs"]["noise_pred"]
+    print(f"tiny UNet int8 vs fp32: max abs diff {fidelity['max_abs_diff']:.2e} ({fidelity['relative']:.2%} of peak)")
+    assert 0 < fidelity["relative"] < MAX_UNET_RELATIVE_DIFF
+    assert entry["fidelity"]["finite"]
+    # only the UNet by default; the fp32 graph is untouched
+    assert all("int8" not in c.get("variants", {}) for name, c in manifest["components"].items() if name != "unet")
+    assert file_sha256(int8_engine / "unet.onnx") == manifest["components"]["unet"]["sha256"]["unet.onnx"]
+    # the int8 graph's weights really are int8
+    import onnx
+
+    model = onnx.load(str(int8_engine / entry["file"]))
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    assert (int8_engine / entry["file"]).stat().st_size < (int8_engine / "unet.onnx").stat().st_size
+
+
+def test_int8_pipeline_image_is_close_to_fp32(tiny_engine, int8_engine):
+    fp32 = lcmrt.Pipeline.load(tiny_engine, backend="onnxruntime")
+    int8 = lcmrt.Pipeline.load(int8_engine, backend="onnxruntime", precision="int8")
+    assert {name: s.precision for name, s in int8.sessions.items()} == {
+        "text_encoder": "fp32", "unet": "int8", "vae_decoder": "fp32"}
+    a = fp32("a watercolor fox", seed=5, num_inference_steps=4, output="np")
+    b = int8("a watercolor fox", seed=5, num_inference_steps=4, output="np")
+    db = psnr(a, b)
+    print(f"tiny model, 4 steps, int8 UNet vs fp32: image PSNR {db:.1f} dB, max abs diff {np.abs(a - b).max():.2e}")
+    assert 0 < np.abs(a - b).max() and db > MIN_IMAGE_PSNR_DB
+
+
+def test_int8_graph_hash_is_verified(int8_engine, tmp_path):
+    folder = tmp_path / "engine"
+    shutil.copytree(int8_engine, folder)
+    lcmrt.Pipeline.load(folder, backend="onnxruntime")  # fp32 does not read the int8 graph
+    with open(folder / f"unet{INT8_SUFFIX}", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineFolderError, match="does not match the hash"):
+        lcmrt.Pipeline.load(folder, backend="onnxruntime", precision="int8")
+
+
+def test_without_int8_variants_int8_runs_fp32(tiny_engine):
+    pipe = lcmrt.Pipeline.load(tiny_engine, backend="onnxruntime", precision="int8")
+    assert all(s.precision == "fp32" for s in pipe.sessions.values())
+
+
+def test_refit_and_missing_components_are_refused(tiny_refit_engine, tiny_engine):
+    with pytest.raises(ExportError, match="refit at run time"):
+        quantize_folder(tiny_refit_engine, load_manifest(tiny_refit_engine))
+    with pytest.raises(ExportError, match="no 'controlnet' component"):
+        quantize_folder(tiny_engine, load_manifest(tiny_engine), ("controlnet",))
+
+
+def test_cli_engines_only_int8(tiny_engine, tmp_path):
+    folder = tmp_path / "engine"
+    shutil.copytree(tiny_engine, folder)
+    result = CliRunner().invoke(cli, ["build", "--engines-only", str(folder), "--no-ort-cpu-graphs", "--int8"])
+    assert result.exit_code == 0, result.output
+    assert "unet int8 vs fp32" in result.output
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["components"]["unet"]["variants"]["int8"]["precision"] == "int8"
+
+
+def test_cli_int8_with_refittable_is_refused(tiny_model, tmp_path):
+    result = CliRunner().invoke(cli, ["build", str(tiny_model["model"]), "--lcm-lora", str(tiny_model["lcm_lora"]),
+                                      "--out", str(tmp_path / "x"), "--refittable", "--int8"])
+    assert result.exit_code == 2 and "--int8" in result.output
+    assert not (tmp_path / "x").exists()
