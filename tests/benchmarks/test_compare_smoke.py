@@ -58,7 +58,7 @@ def test_lcmrt_bench_command(tiny_engine, tmp_path):
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", str(tiny_engine), "--steps", "2", "--repeats", "2",
-                                      "--json", str(out)])
+                                      "--gemm-size", "512", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "UNet step" in result.output and "of roofline" in result.output
     report = json.loads(out.read_text())

@@ -1,0 +1,178 @@
+"""One contender, one process: import, load, a cold generation, then warm ones; writes a JSON result.
+
+Run by `benchmarks/compare.py` as a script (`python benchmarks/worker.py CONFIG_JSON`), with the main venv's
+python for lcmrt and diffusers and with `benchmarks/.venv-optimum`'s for Optimum, which has no lcmrt
+installed: so this file imports only the standard library and numpy at the top.
+
+Every contender returns the same records as `lcmrt.bench.time_generation`: {"e2e", "text_encoder",
+"unet_steps": [...], "vae_decode", "unet_run": [...], "num_images"} in seconds.
+How stages are timed outside lcmrt (hooks, in the pipeline's own call, output_type="np" for everyone):
+  text_encoder  forward pre/post hooks on the text encoder, summed over its calls (two with guidance)
+  unet_steps    from the UNet call's start to diffusers' `callback_on_step_end`, which runs right after the
+                scheduler step: UNet + guidance + scheduler, what lcmrt's step also covers
+  unet_run      the UNet call alone, so unet_steps - unet_run is the framework's overhead per step
+  vae_decode    the VAE decode call
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+T_START = time.perf_counter()
+
+
+def _record(e2e: float, timer: "_StageTimer", num_images: int) -> dict:
+    return {"e2e": e2e, "text_encoder": sum(timer.text), "unet_steps": timer.steps, "vae_decode": sum(timer.vae),
+            "unet_run": timer.unet, "num_images": num_images}
+
+
+class _StageTimer:
+    """Collects stage times of one diffusers-style pipeline call (see the module docstring)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.text, self.unet, self.steps, self.vae = [], [], [], []
+        self._unet_start = self._text_start = None
+
+    def text_start(self, *_):
+        self._text_start = time.perf_counter()
+
+    def text_end(self, *_):
+        self.text.append(time.perf_counter() - self._text_start)
+
+    def unet_start(self, *_):
+        self._unet_start = time.perf_counter()
+
+    def unet_end(self, *_):
+        self.unet.append(time.perf_counter() - self._unet_start)
+
+    def step_end(self, pipe, step, timestep, kwargs):
+        self.steps.append(time.perf_counter() - self._unet_start)
+        return kwargs
+
+    def wrap(self, fn, sink: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:  # looked up per call: reset() replaces the lists
+                getattr(self, sink).append(time.perf_counter() - start)
+        return timed
+
+    def wrap_around(self, fn, before, after):
+        def timed(*args, **kwargs):
+            before()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                after()
+        return timed
+
+
+def _generations(call, timer: _StageTimer, cfg: dict) -> tuple[dict, list[dict]]:
+    """The cold generation (warm-up) and cfg["warm_runs"] warm ones."""
+    def one(steps):
+        timer.reset()
+        start = time.perf_counter()
+        call(steps)
+        return _record(time.perf_counter() - start, timer, cfg["num_images"])
+
+    # A warm-up with fewer steps warms the same kernels as the full schedule (eager frameworks capture nothing).
+    first = one(cfg.get("warmup_steps") or cfg["steps"])
+    return first, [one(cfg["steps"]) for _ in range(cfg["warm_runs"])]
+
+
+def run_lcmrt(cfg: dict) -> dict:
+    from lcmrt import bench
+
+    import_s = time.perf_counter() - T_START
+    raw = bench.measure(cfg["folder"], backend=cfg["backend"], steps=cfg["steps"], guidance=cfg["guidance"],
+                        warm_runs=cfg["warm_runs"], num_images=cfg["num_images"], prompt=cfg["prompt"],
+                        seed=cfg["seed"])
+    return {"import_s": import_s, "load_s": raw["load_s"], "first": raw["first"], "warm": raw["warm"],
+            "backend": raw["backend"]}
+
+
+def _hook_torch_pipeline(pipe, timer: _StageTimer) -> None:
+    pipe.text_encoder.register_forward_pre_hook(timer.text_start)
+    pipe.text_encoder.register_forward_hook(timer.text_end)
+    pipe.unet.register_forward_pre_hook(timer.unet_start)
+    pipe.unet.register_forward_hook(timer.unet_end)
+    pipe.vae.decode = timer.wrap(pipe.vae.decode, "vae")
+
+
+def run_diffusers(cfg: dict) -> dict:
+    """The model with the LCM-LoRA already fused, saved by `prepare.py` with lcmrt's own verified fuse: the
+    same weights as lcmrt's engine folder, loaded the way a diffusers user loads a merged model."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    import_s = time.perf_counter() - T_START
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(cfg["model"], dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    if cfg["scheduler"] == "lcm":
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    load_s = time.perf_counter() - start
+    timer = _StageTimer()
+    _hook_torch_pipeline(pipe, timer)
+
+    def call(steps):
+        with torch.inference_mode():
+            pipe(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
+                 num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
+                 output_type="np", callback_on_step_end=timer.step_end)
+
+    first, warm = _generations(call, timer, cfg)
+    return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
+            "backend": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
+            "scheduler": type(pipe.scheduler).__name__}
+
+
+def run_optimum(cfg: dict) -> dict:
+    import onnxruntime
+    import torch
+    from diffusers import LCMScheduler
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    import_s = time.perf_counter() - T_START
+    start = time.perf_counter()
+    pipe = ORTStableDiffusionPipeline.from_pretrained(cfg["onnx_model"], provider="CPUExecutionProvider")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    timer = _StageTimer()
+    # ORT models are not torch modules: wrap their forward calls instead of hooking them
+    pipe.text_encoder.forward = timer.wrap_around(pipe.text_encoder.forward, timer.text_start, timer.text_end)
+    pipe.unet.forward = timer.wrap_around(pipe.unet.forward, timer.unet_start, timer.unet_end)
+    pipe.vae_decoder.forward = timer.wrap(pipe.vae_decoder.forward, "vae")
+
+    def call(steps):
+        pipe(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
+             num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
+             output_type="np", callback_on_step_end=timer.step_end)
+
+    first, warm = _generations(call, timer, cfg)
+    return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
+            "backend": f"optimum ORT {onnxruntime.__version__} CPUExecutionProvider"}
+
+
+RUNNERS = {"lcmrt": run_lcmrt, "diffusers": run_diffusers, "optimum": run_optimum}
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    result = RUNNERS[cfg["kind"]](cfg)
+    Path(cfg["out"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
