@@ -27,6 +27,9 @@ import onnxruntime as ort
 
 
 
+STRATEGIES = ("session", "inputs", "low-rank")
+
+
 def unet_feeds(manifest: dict) -> dict:
     """Random UNet inputs of a folder's static shapes (batch 1, conditional only)."""
     s = manifest["shapes"]
@@ -97,6 +100,8 @@ def main():
         parser.add_argument(name, required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", nargs="*", choices=STRATEGIES, default=STRATEGIES,
+                        help="Strategies to measure (each holds a second full UNet session: ~14 GB at full size).")
     args = parser.parse_args()
 
     from lcmrt.adapters import AdapterBank
@@ -109,39 +114,40 @@ def main():
     feeds = unet_feeds(manifest)
     result = {"fused_session_create_s": fused_create}
 
-    # session: the swap computes the weights and re-creates the session with them
     start = time.perf_counter()
     weights = bank.weights_for({}, {"style": 0.8})["unet"]
     compute = time.perf_counter() - start
+    if "session" in args.only:  # the swap computes the weights and re-creates the session with them
+        result["session"] = _session_strategy(refit_dir, weights, compute, fused, feeds, args.repeats)
+    if "inputs" in args.only:  # the swap only computes the weights; every run feeds them
+        path = inputs_graph(refit_dir, set(weights))
+        try:
+            session, _ = _session(path)
+            result["inputs"] = {"swap_s": compute, "refit_weights": len(weights),
+                                **_alternate(fused, session, feeds, {**feeds, **weights}, args.repeats)}
+            del session
+        finally:
+            path.unlink()
+    if "low-rank" in args.only:  # the swap writes the small factors; every run computes the branch
+        with tempfile.TemporaryDirectory(dir=refit_dir.parent) as tmp:
+            session, _ = _session(lowrank_graph(args.model, args.lcm_lora, args.lora, manifest["shapes"], Path(tmp)))
+            pack = bank.pack("style")
+            result["low-rank"] = {"extra_params": int(sum(d.size + u.size for d, u, _ in pack.values())),
+                                  **_alternate(fused, session, feeds, feeds, args.repeats)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+def _session_strategy(refit_dir: Path, weights: dict, compute: float, fused, feeds, repeats: int) -> dict:
     options = ort.SessionOptions()
     options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
     start = time.perf_counter()
     session = ort.InferenceSession(str(refit_dir / "unet.onnx"), sess_options=options,
                                    providers=["CPUExecutionProvider"])
-    result["session"] = {"swap_s": compute + time.perf_counter() - start, "compute_weights_s": compute,
-                         **_alternate(fused, session, feeds, feeds, args.repeats)}
-    del session
-
-    # inputs: the swap only computes the weights; every run feeds them
-    path = inputs_graph(refit_dir, set(weights))
-    try:
-        session, _ = _session(path)
-        result["inputs"] = {"swap_s": compute, "refit_weights": len(weights),
-                            **_alternate(fused, session, feeds, {**feeds, **weights}, args.repeats)}
-        del session
-    finally:
-        path.unlink()
-
-    # low-rank: the swap writes the small factors; every run computes the branch
-    with tempfile.TemporaryDirectory(dir=refit_dir.parent) as tmp:
-        session, _ = _session(lowrank_graph(args.model, args.lcm_lora, args.lora, manifest["shapes"], Path(tmp)))
-        pack = bank.pack("style")
-        result["low-rank"] = {"extra_params": int(sum(d.size + u.size for d, u, _ in pack.values())),
-                              **_alternate(fused, session, feeds, feeds, args.repeats)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    return {"swap_s": compute + time.perf_counter() - start, "compute_weights_s": compute,
+            **_alternate(fused, session, feeds, feeds, repeats)}
 
 
 if __name__ == "__main__":
