@@ -101,13 +101,16 @@ class AdapterBank:
 
     def _weight(self, module: str, contributions: tuple) -> np.ndarray:
         entry = self.refit_map[module]
-        base = self.base(module)
+        base = np.asarray(self.base(module))  # graph layout
         if not contributions:
             return np.array(base)
-        delta = np.zeros((entry["shape"][0], int(np.prod(entry["shape"][1:]))), dtype=np.float32)
+        total = None
         for name, weight in contributions:
             down, up, scale = self.pack(name)[module]
-            # [out, r] @ [r, in*kh*kw]
-            delta += np.float32(weight * scale) * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
-        delta = delta.reshape(entry["shape"])
-        return base + (delta.T if entry["transpose"] else delta)
+            up = up.reshape(up.shape[0], -1) * np.float32(weight * scale)  # [out, r]: scaling the small factor
+            down = down.reshape(down.shape[0], -1)  # [r, in*kh*kw]
+            # straight into the graph's layout: a transposed weight gets down^T @ up^T (BLAS transposes for free)
+            delta = down.T @ up.T if entry["transpose"] else up @ down
+            total = delta if total is None else np.add(total, delta, out=total)
+        total = total.reshape(base.shape)
+        return np.add(total, base, out=total)
