@@ -24,6 +24,7 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
+from ..backends.onnxruntime import REFIT_INPUTS
 from ..errors import AdapterError
 from .lora import LoraSpec, locate_lora
 
@@ -185,5 +186,34 @@ def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dic
         shutil.rmtree(scratch, ignore_errors=True)
     record = {**record, "weight": 0.0}  # an added adapter starts switched off
     manifest["adapters"].append(record)
+    write_refit_input_graphs(folder, manifest)
     write_manifest(folder, manifest)
     return record
+
+
+def write_refit_input_graphs(folder: Path, manifest: dict) -> None:
+    """For each refittable component, `<component>.refit-inputs.onnx`: the same graph (sharing its data
+    file) with the weights the folder's swappable adapters target declared as graph inputs, so ONNX
+    Runtime takes new values with every run instead of a new session. Recorded as the "refit-inputs"
+    variant; rewritten whenever the set of targets changes (`adapter add`)."""
+    from ..manifest import file_sha256
+
+    targets = {m for a in manifest["adapters"] if not a["fused"] for m in a.get("targets", [])}
+    for comp in REFITTABLE_COMPONENTS:
+        entry = manifest["components"][comp]
+        names = sorted({e["weight"] for m, e in manifest["refit_map"].items() if m in targets and e["component"] == comp})
+        entry.get("variants", {}).pop(REFIT_INPUTS, None)
+        graph = folder / f"{comp}.{REFIT_INPUTS}.onnx"
+        graph.unlink(missing_ok=True)
+        if not names:
+            continue
+        model = onnx.load(str(folder / entry["file"]), load_external_data=False)
+        by_name = {init.name: init for init in model.graph.initializer}
+        for name in names:
+            init = by_name[name]
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, init.dims))
+        graph.write_bytes(model.SerializeToString())
+        files = [graph.name] + [f for f in entry["sha256"] if f != entry["file"]]  # shares the data file
+        entry.setdefault("variants", {})[REFIT_INPUTS] = {
+            "file": graph.name, "sha256": {f: file_sha256(folder / f) for f in files},
+            "precision": entry["precision"], "weight_inputs": names}

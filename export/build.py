@@ -192,7 +192,8 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
-    from .adapters import REFITTABLE_COMPONENTS, build_refit_map, model_configs, pack_adapter
+    from .adapters import (REFITTABLE_COMPONENTS, build_refit_map, model_configs, pack_adapter,
+                           write_refit_input_graphs)
     from .loading import load_model
     from .lora import fuse_loras
     from .onnx_export import OPSET, component_exports, copy_tokenizer, export_component, graph_hashes
@@ -250,6 +251,8 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
             "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "opset": OPSET, "seconds": stages.seconds},
         }
+        if req.keeps_refit_map:
+            write_refit_input_graphs(tmp, manifest)
         if req.ort_cpu_graphs:
             from ..engines.ort_optimize import optimize_folder
 

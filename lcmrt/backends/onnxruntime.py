@@ -42,6 +42,8 @@ _ONNX_DTYPES = {
 }
 PRECISIONS = ("fp32", "fp16", "int8")  # a component without the variant runs its fp32 graph
 PRE_OPTIMIZED = "ort-cpu"  # manifest variant written by lcmrt.engines.ort_optimize
+REFIT_INPUTS = "refit-inputs"  # manifest variant written by lcmrt.export.adapters: refit weights as graph inputs
+REFIT_MODES = ("auto", "inputs", "session")
 _LISTED = 5  # names shown in an error before "..."
 
 
@@ -51,7 +53,7 @@ class OnnxRuntimeBackend(Backend):
     per physical core); `fp16` lets the TensorRT provider build FP16 kernels."""
 
     def __init__(self, device: str = "cpu", *, threads: int | None = None, device_id: int = 0,
-                 fp16: bool = False, precision: str = "fp32", cuda_graph: bool = True):
+                 fp16: bool = False, precision: str = "fp32", cuda_graph: bool = True, refit: str = "auto"):
         if device not in PROVIDERS:
             raise BackendError(f"Unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -72,6 +74,13 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         self.precision = precision  # graphs to load: "fp16" takes a component's fp16 variant where built
         self.cuda_graph = cuda_graph  # CUDA provider: replay each run as a captured CUDA graph
+        if refit not in REFIT_MODES:
+            raise BackendError(f"refit must be one of {', '.join(REFIT_MODES)}, got {refit!r}.")
+        # How adapter weights reach a refittable graph. "inputs": fed with every run (a swap costs only the
+        # weight computation; ONNX Runtime cannot pre-pack those weights). "session": baked into a new
+        # session (full speed between swaps; a swap costs a session creation). GPU providers keep weights
+        # on the device, so they take "session".
+        self.refit = refit if refit != "auto" else ("inputs" if device == "cpu" else "session")
 
     @staticmethod
     def available_devices() -> list[str]:
@@ -80,6 +89,13 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
         folder = Path(folder)
+        variants = manifest["components"][component].get("variants", {})
+        if self.refit == "inputs" and REFIT_INPUTS in variants and self.precision == "fp32":
+            path = verify_component(folder, manifest, component, REFIT_INPUTS)
+            session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
+                                 weight_inputs=variants[REFIT_INPUTS]["weight_inputs"])
+            session.precision = variants[REFIT_INPUTS]["precision"]
+            return session
         variant = self.precision
         pre_optimized = (self.device == "cpu" and not weights
                          and component_entry(manifest, component, self.precision)["precision"] == "fp32"
@@ -116,7 +132,8 @@ class OnnxRuntimeBackend(Backend):
 
 class OrtSession(Session):
     def __init__(self, path: Path, component: str, providers: list, threads: int | None,
-                 weights: dict[str, np.ndarray] | None = None, device_id: int = 0, optimize: bool = True):
+                 weights: dict[str, np.ndarray] | None = None, device_id: int = 0, optimize: bool = True,
+                 weight_inputs: list[str] | None = None):
         self.path = Path(path)
         self.component = component
         self._providers = providers
@@ -125,9 +142,18 @@ class OrtSession(Session):
         self._optimize = optimize  # False for graphs ONNX Runtime already optimized at build time
         # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
         self._initializers: dict[str, tuple[TensorSpec, bool]] | None = None  # read on first refit
-        self._weights: dict[str, np.ndarray] = self._checked(weights) if weights else {}
+        # Refit by inputs: these graph inputs are weights (their initializers are the defaults), fed from
+        # _weight_feeds with every run; otherwise refit re-creates the session with external initializers.
+        self._weight_inputs = set(weight_inputs or ())
+        self._weight_feeds: dict[str, np.ndarray] = {}
+        self._weights = self._checked(weights) if weights and not self._weight_inputs else {}
         self._session = self._create(self._weights)
+        # ONNX Runtime lists initializers that are also graph inputs apart from the inputs, as overridable
+        self._weight_specs = {arg.name: self._spec(arg) for arg in self._session.get_overridable_initializers()
+                              if arg.name in self._weight_inputs}
         self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()}
+        if weights and self._weight_inputs:
+            self.refit(weights)
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
         self._device_id = device_id
         self._binding = self._new_binding()
@@ -142,6 +168,8 @@ class OrtSession(Session):
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if self._threads is not None:
             options.intra_op_num_threads = self._threads
+        if self._weight_inputs:
+            options.log_severity_level = 3  # not one warning per weight input: they are inputs on purpose
         if weights:
             options.add_external_initializers(
                 list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
@@ -174,7 +202,7 @@ class OrtSession(Session):
         try:
             if self._binding is not None:
                 return self._binding.run(feeds)
-            values = self._session.run(list(self.outputs), feeds)
+            values = self._session.run(list(self.outputs), {**feeds, **self._weight_feeds})
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
         return dict(zip(self.outputs, values))
@@ -205,11 +233,31 @@ class OrtSession(Session):
             raise BackendError(
                 "The onnxruntime-trt backend cannot refit weights: its engine cache would keep the old "
                 "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
+        if self._weight_inputs:
+            self._weight_feeds = {**self._weight_feeds, **self._checked_inputs(weights)}
+            return
         arrays = self._checked(weights)
         merged = {**self._weights, **arrays}
         session = self._create(merged)
         self._session, self._weights = session, merged
         self._binding = self._new_binding()  # buffers and captured graphs belong to the old session
+
+    def _checked_inputs(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Weights for the graph's weight inputs, checked against their names, shapes and dtypes."""
+        unknown = [name for name in weights if name not in self._weight_specs]
+        if unknown:
+            raise BackendError(
+                f"{len(unknown)} weight(s) are not refittable inputs of {self.path.name}: {_some(unknown)}. "
+                "An adapter added after the build targets them: run `lcmrt adapter add` again, or load with "
+                "refit='session'.")
+        arrays = {}
+        for name, value in weights.items():
+            spec, value = self._weight_specs[name], np.asarray(value)
+            if value.dtype != spec.dtype or value.shape != spec.shape:
+                raise BackendError(f"weight {name!r} of {self.path.name}: expected {_describe(spec.dtype, spec.shape)}, "
+                                   f"got {_describe(value.dtype, value.shape)}.")
+            arrays[name] = np.require(value, requirements="C")
+        return arrays
 
     def _checked(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Weights as C-contiguous arrays, after checking names, storage and shapes against the graph."""
