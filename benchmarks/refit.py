@@ -5,10 +5,10 @@
         --lora results/full/sd15/style-r64.safetensors [--repeats 3] [--json results/refit.json]
 
 Measures, for a folder built with `--refittable` (style adapter at 0.8) and one with the same style fused:
-swap latency of `set_adapters` (split into computing the weights and applying them), the steady-state UNet
-step of each folder (runs alternated in one process, medians), their outputs' difference, peak RSS of a
-process holding each folder (separate processes), and diffusers' own `load_lora_weights + set_adapters +
-fuse_lora` for the same swap.
+swap latency of `set_adapters` in each ONNX Runtime refit mode (split into computing the weights and
+applying them), the steady-state UNet step of each (rounds reloading each contender in turn, medians),
+the outputs' difference, peak RSS of a process holding each folder (separate processes), and diffusers'
+own `load_lora_weights + set_adapters + fuse_lora` for the same swap.
 """
 from __future__ import annotations
 
@@ -28,56 +28,67 @@ from benchmarks.refit_strategies import unet_feeds
 SWAPS = (0.5, 0.8, 0.0, 0.8)
 
 
-def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 2) -> dict:
-    """UNet step of the fused and the refit folder, in rounds that reload each in turn (holding both at
-    once would need ~16 GB at full size), then swap timings on the refit folder."""
-    import gc
-
+def _load(name: str, fused_dir: str, refit_dir: str):
+    """(UNet session, pipeline or None) of one contender: the fused folder's UNet alone, or the refit
+    folder's whole pipeline in a refit mode (it applies the built weight, 0.8, while loading)."""
     import lcmrt
     from lcmrt.backends import get_backend
     from lcmrt.manifest import load_manifest
 
+    if name == "fused":
+        return get_backend("onnxruntime").load(Path(fused_dir), load_manifest(fused_dir), "unet"), None
+    pipe = lcmrt.Pipeline.load(refit_dir, refit=name.removeprefix("refit-"))
+    return pipe.sessions["unet"], pipe
+
+
+def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 2,
+                    contenders=("fused", "refit-inputs", "refit-session")) -> dict:
+    """UNet step of the fused folder and of the refit folder in each refit mode, in rounds that reload each
+    in turn (holding two full-size folders at once needs ~16 GB), then swap timings per mode."""
+    import gc
+
+    from lcmrt.manifest import load_manifest
+
     feeds = unet_feeds(load_manifest(fused_dir))
-    times = {"fused": [], "refit": []}
-    outputs, load_s = {}, {"fused": [], "refit": []}
-    refit = None
-    for _ in range(rounds):
-        for name in ("fused", "refit"):
-            refit = None  # one folder in memory at a time
+    times = {name: [] for name in contenders}
+    load_s = {name: [] for name in contenders}
+    outputs, swaps = {}, {}
+    for round_index in range(rounds):
+        for name in contenders:
             gc.collect()
             start = time.perf_counter()
-            if name == "fused":
-                unet = get_backend("onnxruntime").load(Path(fused_dir), load_manifest(fused_dir), "unet")
-            else:  # the whole pipeline: it applies the built weight (0.8) while creating the sessions
-                refit = lcmrt.Pipeline.load(refit_dir)
-                unet = refit.sessions["unet"]
+            unet, pipe = _load(name, fused_dir, refit_dir)
             load_s[name].append(time.perf_counter() - start)
             unet.run(feeds)  # warm-up
             for _ in range(repeats):
                 start = time.perf_counter()
                 outputs[name] = unet.run(feeds)["noise_pred"]
                 times[name].append(time.perf_counter() - start)
-            del unet
-            gc.collect()
+            if pipe is not None and round_index == rounds - 1:
+                swaps[name] = _swaps(pipe, feeds, outputs[name])
+            del unet, pipe
     step = {name: statistics.median(t) for name, t in times.items()}
-
-    swaps = []
-    for weight in SWAPS:
-        start = time.perf_counter()
-        refit._bank.weights_for(refit._active, {"style": weight})
-        compute = time.perf_counter() - start
-        start = time.perf_counter()
-        refit.set_adapters({"style": weight})
-        swaps.append({"weight": weight, "compute_s": compute, "total_s": time.perf_counter() - start})
-    after = refit.sessions["unet"].run(feeds)["noise_pred"]
     return {
         "load_s": load_s, "unet_step_s": step, "unet_step_runs_s": times,
-        "refit_vs_fused_step": step["refit"] / step["fused"],
-        "max_abs_diff_unet_refit_vs_fused": float(np.abs(outputs["refit"] - outputs["fused"]).max()),
-        "back_to_0.8_bitwise": bool(np.array_equal(after, outputs["refit"])),
+        "step_vs_fused": {name: step[name] / step["fused"] for name in contenders},
+        "max_abs_diff_vs_fused": {name: float(np.abs(outputs[name] - outputs["fused"]).max()) for name in contenders},
         "swaps": swaps,
-        "swap_median_s": statistics.median(s["total_s"] for s in swaps),
     }
+
+
+def _swaps(pipe, feeds, output_at_08) -> dict:
+    """set_adapters through SWAPS, split into computing the weights and applying them."""
+    runs = []
+    for weight in SWAPS:
+        start = time.perf_counter()
+        pipe._bank.weights_for(pipe._active, {"style": weight})
+        compute = time.perf_counter() - start
+        start = time.perf_counter()
+        pipe.set_adapters({"style": weight})
+        runs.append({"weight": weight, "compute_s": compute, "total_s": time.perf_counter() - start})
+    back = pipe.sessions["unet"].run(feeds)["noise_pred"]
+    return {"runs": runs, "median_s": statistics.median(r["total_s"] for r in runs),
+            "back_to_0.8_bitwise": bool(np.array_equal(back, output_at_08))}
 
 
 def peak_rss_gb(folder: str) -> float:
@@ -124,7 +135,7 @@ def main():
     args = parser.parse_args()
 
     result = {"folders": compare_folders(args.fused, args.refit, args.repeats)}
-    result["peak_rss_gb"] = {"fused": peak_rss_gb(args.fused), "refit": peak_rss_gb(args.refit)}
+    result["peak_rss_gb"] = {"fused": peak_rss_gb(args.fused), "refit-inputs": peak_rss_gb(args.refit)}
     result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
     result["this_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = json.dumps(result, indent=2)
