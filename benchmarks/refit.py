@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,12 +90,15 @@ def _swaps(pipe, feeds, output_at_08) -> dict:
             "back_to_0.8_bitwise": bool(np.array_equal(back, output_at_08))}
 
 
-def peak_rss_gb(folder: str) -> float:
-    """Peak RSS of a fresh process that loads `folder` and runs one UNet step."""
-    code = ("import sys, resource, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
-            "p = lcmrt.Pipeline.load(sys.argv[1]); p.sessions['unet'].run(unet_feeds(p.manifest)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code, folder], check=True, capture_output=True, text=True).stdout
+def peak_rss_gb(folder: str, refit: str = "auto", swap: bool = False) -> float:
+    """Peak RSS (VmHWM) of a fresh process that loads `folder`, runs one UNet step and optionally one swap.
+    VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork and exec."""
+    code = ("import sys, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
+            "p = lcmrt.Pipeline.load(sys.argv[1], refit=sys.argv[2]); p.sessions['unet'].run(unet_feeds(p.manifest)); "
+            "sys.argv[3] == '1' and p.set_adapters({'style': 0.5}); "
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    out = subprocess.run([sys.executable, "-c", code, folder, refit, "1" if swap else "0"], check=True,
+                         capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 2**20
 
 
@@ -134,10 +136,12 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    result = {"folders": compare_folders(args.fused, args.refit, args.repeats)}
-    result["peak_rss_gb"] = {"fused": peak_rss_gb(args.fused), "refit-inputs": peak_rss_gb(args.refit)}
+    # peak RSS first, while this process is small
+    result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused),
+                              **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, mode, swap)
+                                 for mode in ("inputs", "session") for swap in (False, True)}}}
+    result["folders"] = compare_folders(args.fused, args.refit, args.repeats)
     result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
-    result["this_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import EngineFolderError
 
 MANIFEST_NAME = "manifest.json"
+# Files already hashed on this machine, keyed by path with (device, inode, size, mtime): a later load only
+# stats them. Hashing a full-size folder's 4 GB takes seconds; a modified file gets a new mtime.
+VERIFIED_CACHE = Path(os.environ.get("LCMRT_CACHE_DIR", Path.home() / ".cache" / "lcmrt")) / "verified.json"
 # Bump when a reader of the previous format would misread a new folder.
 FORMAT_VERSION = 1
 _HASH_CHUNK = 16 << 20
@@ -25,6 +28,34 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _matches(path: Path, expected: str) -> bool:
+    """Does the file hash to `expected`? Answered from the cache of verified files when it is unchanged."""
+    try:
+        cache = json.loads(VERIFIED_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key, stamp = str(path.resolve()), [_stat_key(path), expected]
+    if cache.get(key) == stamp:
+        return True
+    if file_sha256(path) != expected:
+        return False
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}
+    cache[key] = stamp
+    try:  # a cache that cannot be written only costs the next load a re-hash
+        VERIFIED_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = VERIFIED_CACHE.with_name(f".{VERIFIED_CACHE.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, VERIFIED_CACHE)
+    except OSError:
+        pass
+    return True
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -84,7 +115,7 @@ def verify_component(folder: str | Path, manifest: dict, component: str, precisi
         if not path.is_file():
             raise EngineFolderError(
                 f"{path} is missing from the engine folder. Rebuild the folder with `lcmrt build`.")
-        if file_sha256(path) != expected:
+        if not _matches(path, expected):
             raise EngineFolderError(
                 f"{path} does not match the hash recorded at build time: the file was modified or "
                 "truncated. Rebuild the folder with `lcmrt build`.")

@@ -1,8 +1,13 @@
 """Shared fixtures: small generated models, built once per test session. Tests marked `gpu` skip, with the
 reason, where TensorRT, CuPy or a CUDA GPU is missing."""
 import importlib.util
+import os
+import tempfile
 
 import pytest
+
+# the runtime's cache of verified files goes to a throwaway folder, not the user's ~/.cache
+os.environ.setdefault("LCMRT_CACHE_DIR", tempfile.mkdtemp(prefix="lcmrt-test-cache-"))
 
 _GPU = None
 

@@ -314,6 +314,21 @@ def test_modified_graph(engine_copy, graph_suffix):
         Pipeline.load(engine_copy)
 
 
+def test_file_modified_after_a_verified_load_is_detected(engine_copy):
+    """Loads skip re-hashing files verified before, but only while size and mtime are unchanged."""
+    from lcmrt.manifest import VERIFIED_CACHE
+
+    Pipeline.load(engine_copy)
+    assert str((engine_copy / "unet.ort-cpu.onnx.data").resolve()) in json.loads(VERIFIED_CACHE.read_text())
+    Pipeline.load(engine_copy)  # from the cache
+    path = engine_copy / "unet.ort-cpu.onnx.data"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineFolderError, match="does not match the hash recorded at build time"):
+        Pipeline.load(engine_copy)
+
+
 @pytest.mark.parametrize("steps", [0, -1, MAX_STEPS + 1, 4.0])
 def test_steps_outside_range(pipe, steps):
     with pytest.raises(GenerationError, match=rf"num_inference_steps={steps!r} is outside 1\.\.50.*4 is the usual"):
