@@ -280,7 +280,7 @@ def info(folder, as_json):
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: no 80-column truncation
     s, src = manifest["shapes"], manifest["source"]
     console.print(f"[bold]{folder}[/bold]: {manifest['family']} engine folder, format {manifest['format_version']}, "
                   f"built {manifest['build']['created']} with lcmrt {manifest['versions']['lcmrt']}")

@@ -14,31 +14,18 @@ class Family:
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel
     text_length: int  # CLIP context length
-    text_encoders: tuple[str, ...]
-    # LCM-LoRA scheduler defaults (diffusers LCMScheduler config shipped with the base models)
-    scheduler: dict
 
 
+# SD1.5's training noise schedule; an engine folder's LCM scheduler config comes from its model's own.
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "original_inference_steps": 50,
-    "timestep_scaling": 10.0,
-    "set_alpha_to_one": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "thresholding": False,
-    "rescale_betas_zero_snr": False,
-    "timestep_spacing": "leading",
 }
 
 FAMILIES = {
-    "sd15": Family("sd15", latent_channels=4, vae_scale_factor=8, text_length=77,
-                   text_encoders=("text_encoder",), scheduler=SD15_SCHEDULER),
+    "sd15": Family("sd15", latent_channels=4, vae_scale_factor=8, text_length=77),
 }
 
 
