@@ -1,7 +1,6 @@
 """`lcmrt build` (lcmrt.export.build) on the tiny random SD1.5 model: the engine folder's manifest, every
 graph against an independently fused torch pipeline, build variants, atomicity and the CLI's output."""
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,18 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from lcmrt.errors import ExportError  # noqa: E402
 
 
-def _shared_conftest():
-    # by path: `import conftest` may find tests/engines/conftest.py first when the whole suite runs
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("lcmrt_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _shared_conftest()
-STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH = _conftest.STYLE_WEIGHT, _conftest.TINY_HEIGHT, _conftest.TINY_WIDTH
-build_tiny_engine = _conftest.build_tiny_engine
+from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # onnxruntime vs torch in fp32 on the tiny model: measured 1e-6..7e-6 (FIELD-NOTES.md); a wrong graph is off

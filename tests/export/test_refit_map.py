@@ -1,7 +1,5 @@
 """The refit map of `lcmrt.export.adapters`: derived by value, checked against the graphs and the torch weights."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,16 +11,7 @@ from lcmrt.errors import AdapterError
 from lcmrt.manifest import file_sha256
 
 
-def _shared_conftest():
-    # by path: `import conftest` may find tests/engines/conftest.py first when the whole suite runs
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("lcmrt_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_tiny_engine = _shared_conftest().build_tiny_engine
+from tiny_engines import build_tiny_engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")

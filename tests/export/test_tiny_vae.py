@@ -2,7 +2,6 @@
 the engine folder's vae_decoder, its parity with diffusers, the random TAESD generator, and bad paths."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,17 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 scheduling_lcm = pytest.importorskip("diffusers.schedulers.scheduling_lcm")
 
 
-def _shared_conftest():
-    # by path: `import conftest` may find tests/engines/conftest.py first when the whole suite runs
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("lcmrt_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _shared_conftest()
-TINY_HEIGHT, TINY_WIDTH = _conftest.TINY_HEIGHT, _conftest.TINY_WIDTH
+from tiny_engines import TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
 LATENT_SHAPE = (1, 4, TINY_HEIGHT // 8, TINY_WIDTH // 8)  # [B, 4, H/8, W/8]
 # Graph vs torch on the decoder alone (fp32 reordered sums, ~1e-6 measured) and the end-to-end [0, 1] image
 # against diffusers (the same bound as tests/runtime/test_pipeline.py).
@@ -52,7 +41,7 @@ def taesd(tiny_model, tmp_path_factory) -> Path:
 def tiny_vae_engine(tiny_model, taesd, tmp_path_factory) -> Path:
     """The tiny model with only the LCM-LoRA, guidance none, decoding with the random TAESD."""
     out = tmp_path_factory.mktemp("engines") / "tiny-taesd"
-    return _conftest.build_tiny_engine(tiny_model, out, guidance_mode="none", style_weight=None, vae_decoder=taesd)
+    return build_tiny_engine(tiny_model, out, guidance_mode="none", style_weight=None, vae_decoder=taesd)
 
 
 def _autoencoder_tiny(path):

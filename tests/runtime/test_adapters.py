@@ -1,9 +1,7 @@
 """Refittable adapters (`lcmrt/adapters.py`, `Pipeline.set_adapters`, `lcmrt adapter add/list`): parity with
 fused folders, pristine-base refits, transactional swaps, refusals."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +14,7 @@ from lcmrt.manifest import MANIFEST_NAME, load_manifest
 from lcmrt.pipeline import Pipeline
 
 
-def _shared_conftest():
-    # by path: `import conftest` may find tests/engines/conftest.py first when the whole suite runs
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("lcmrt_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _shared_conftest()
-STYLE_WEIGHT = _conftest.STYLE_WEIGHT
-build_tiny_engine = _conftest.build_tiny_engine
+from tiny_engines import STYLE_WEIGHT, build_tiny_engine  # noqa: E402
 
 PROMPT = "a paper cut fox in the snow"
 GUIDANCE = 1.5  # cfg: both the conditional and the unconditional text embeddings go through the refit weights

@@ -2,14 +2,12 @@
 prompt cache, no torch at run time, and every error a request or a damaged folder can raise."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,18 +20,7 @@ from lcmrt.manifest import MANIFEST_NAME
 from lcmrt.pipeline import MAX_STEPS, PROMPT_CACHE_SIZE
 
 
-def _shared_conftest():
-    # by path: `import conftest` may find tests/engines/conftest.py first when the whole suite runs
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("lcmrt_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _shared_conftest()
-STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH = _conftest.STYLE_WEIGHT, _conftest.TINY_HEIGHT, _conftest.TINY_WIDTH
-build_tiny_engine = _conftest.build_tiny_engine
+from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
