@@ -20,7 +20,6 @@ GPU's fp16 accumulation; `benchmarks/gpu_check.sh` measures that on the GPU.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..manifest import file_sha256
+from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 
 FP16_SUFFIX = ".fp16.onnx"
 # Ops whose statistics or accumulators need fp32 (see the module docstring).
@@ -43,10 +43,8 @@ _ALWAYS_FP32_INPUTS = {"Resize": (1, 2)}
 DEFAULT_FP16_COMPONENTS = ("text_encoder", "unet")
 FP16_MAX = 65504.0
 # Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 FIDELITY_SEED = 1234
 # 8-bit images: PSNR against the fp32 image; above ~40 dB differences are invisible.
-PSNR_PEAK = 1.0
 
 
 # --- conversion ------------------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def convert_component(folder: str | Path, manifest: dict, component: str) -> dic
     model = onnx.load(str(source), load_external_data=True)
     fp16 = convert_model(model, component)
     graph_name = f"{component}{FP16_SUFFIX}"
-    files = _save(fp16, folder, graph_name)
+    files = save_graph(fp16, folder, graph_name)
     return {
         "file": graph_name,
         "sha256": {name: file_sha256(folder / name) for name in files},
@@ -229,31 +227,6 @@ def convert_component(folder: str | Path, manifest: dict, component: str) -> dic
         "fp32_nodes": len(fp32_nodes(fp16, component)),
         "source_sha256": manifest["components"][component]["sha256"][manifest["components"][component]["file"]],
     }
-
-
-def _save(model, folder: Path, graph_name: str) -> list[str]:
-    import onnx
-
-    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        data_name = f"{graph_name}.data"
-        onnx.save_model(model, str(folder / graph_name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        return [graph_name, data_name]
-    onnx.save_model(model, str(folder / graph_name))
-    return [graph_name]
-
-
-# --- fidelity -------------------------------------------------------------------------------------------
-
-def psnr(reference: np.ndarray, test: np.ndarray, peak: float = PSNR_PEAK) -> float:
-    """Peak signal-to-noise ratio in dB of `test` against `reference` (images in [0, peak]); inf if equal,
-    nan if `test` has NaN or inf."""
-    reference, test = np.asarray(reference, np.float64), np.asarray(test, np.float64)
-    if not np.all(np.isfinite(test)):
-        return math.nan
-    mse = float(np.mean((reference - test) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def example_inputs(entry: dict, seed: int = FIDELITY_SEED, vocab_size: int = 49408) -> dict[str, np.ndarray]:
@@ -316,25 +289,8 @@ def measure_fidelity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[s
     the fp16 graph stores it in fp16 (ONNX Runtime's CPU provider removes Cast pairs fp16 -> fp32 around
     its fp32 kernels, so it does not itself overflow where a GPU would: the peak is the overflow check)."""
     import onnx
-    import onnxruntime as ort
 
-    runs = []
-    for path in (fp32_path, fp16_path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        runs.append(dict(zip(names, session.run(names, feeds))))
-    reference, test = runs
-    report = {"outputs": {}, "runtime": "onnxruntime-cpu", "finite": True}
-    for name, ref in reference.items():
-        got = test[name]
-        finite = bool(np.all(np.isfinite(got)))
-        report["finite"] &= finite
-        out = {"max_abs_diff": float(np.max(np.abs(got.astype(np.float64) - ref))) if finite else math.inf,
-               "max_abs_reference": float(np.max(np.abs(ref)))}
-        if name in image_outputs:
-            out["psnr_db"] = psnr(np.clip(ref / 2 + 0.5, 0, 1), np.clip(got / 2 + 0.5, 0, 1))
-        report["outputs"][name] = out
-    report["max_abs_diff"] = max(o["max_abs_diff"] for o in report["outputs"].values())
+    report = compare_graphs(fp32_path, fp16_path, feeds, image_outputs)
     peaks = activation_peaks(fp32_path, island_inputs(onnx.load(str(fp16_path), load_external_data=False)), feeds)
     peak = max(peaks.values(), default=0.0)
     report["fp16_activation_peak"] = peak

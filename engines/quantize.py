@@ -16,14 +16,14 @@ refused: quantization replaces the weights the refit map names.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ExportError
 from ..manifest import file_sha256
-from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs, psnr
+from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
+from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs
 
 INT8_SUFFIX = ".int8.onnx"
 # MatMul/Gemm only. Full SD1.5 UNet step, AVX-512 VNNI CPU, ONNX Runtime 1.31, 2 threads: fp32 5.9 s, these
@@ -33,7 +33,6 @@ INT8_OP_TYPES = ("MatMul", "Gemm")
 INT8_PER_CHANNEL = True
 DEFAULT_INT8_COMPONENTS = ("unet",)
 # Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 _IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 
 
@@ -82,34 +81,6 @@ def quantize_component(folder: Path, manifest: dict, component: str,
     }
 
 
-def measure_fidelity(fp32_path: str | Path, int8_path: str | Path, feeds: dict[str, np.ndarray],
-                     image_outputs: tuple[str, ...] = ()) -> dict:
-    """Run both graphs in ONNX Runtime (CPU) on `feeds`: max abs diff per output (and relative to the fp32
-    output's peak), and the PSNR of outputs that are images in [-1, 1] (mapped to [0, 1] as the pipeline does)."""
-    import onnxruntime as ort
-
-    runs = []
-    for path in (fp32_path, int8_path):  # one session at a time: two full-size UNets would double the memory
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        runs.append(dict(zip(names, session.run(names, feeds))))
-        del session
-    reference, test = runs
-    report = {"outputs": {}, "runtime": "onnxruntime-cpu", "finite": True}
-    for name, ref in reference.items():
-        got = test[name]
-        finite = bool(np.all(np.isfinite(got)))
-        report["finite"] &= finite
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if finite else math.inf
-        peak = float(np.max(np.abs(ref)))
-        out = {"max_abs_diff": diff, "max_abs_reference": peak, "relative": diff / peak if peak else math.inf}
-        if name in image_outputs:
-            out["psnr_db"] = psnr(np.clip(ref / 2 + 0.5, 0, 1), np.clip(got / 2 + 0.5, 0, 1))
-        report["outputs"][name] = out
-    report["max_abs_diff"] = max(o["max_abs_diff"] for o in report["outputs"].values())
-    return report
-
-
 def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, ...] = DEFAULT_INT8_COMPONENTS,
                     seed: int = FIDELITY_SEED, op_types: tuple[str, ...] = INT8_OP_TYPES,
                     per_channel: bool = INT8_PER_CHANNEL) -> dict[str, dict]:
@@ -130,7 +101,7 @@ def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, .
     for component in components:
         entry = quantize_component(folder, manifest, component, op_types, per_channel)
         fp32 = manifest["components"][component]
-        fidelity = measure_fidelity(folder / fp32["file"], folder / entry["file"],
+        fidelity = compare_graphs(folder / fp32["file"], folder / entry["file"],
                                     example_inputs(fp32, seed, vocab), _IMAGE_OUTPUTS.get(component, ()))
         fidelity["seed"] = seed
         entry["fidelity"] = fidelity
@@ -139,5 +110,5 @@ def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, .
     return entries
 
 
-__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_SUFFIX", "measure_fidelity", "quantize_component",
+__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_SUFFIX", "quantize_component",
            "quantize_folder"]

@@ -17,13 +17,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backends.onnxruntime import OnnxRuntimeBackend
+from ..engines.graphs import save_graph
 from ..errors import ExportError
 from ..manifest import file_sha256
 
 # opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
 OPSET = 18
-# Protobuf cannot hold more than 2 GB: bigger graphs keep their weights in one external data file.
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 # fp32 ONNX Runtime vs torch differs by reordered float sums: ~1e-6 on tiny models, ~1e-4 at full
 # size. 1e-3 of the output's magnitude catches a wrong graph (those differ at order 1) with margin.
 VALIDATION_RTOL = 1e-3
@@ -163,14 +162,7 @@ def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir
                 dim.dim_param = size
             else:
                 dim.dim_value = size
-    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        data_name = f"{graph_name}.data"
-        onnx.save_model(model, str(out_dir / graph_name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        return [graph_name, data_name]
-    onnx.save_model(model, str(out_dir / graph_name))
-    return [graph_name]
+    return save_graph(model, out_dir, graph_name)
 
 
 def export_component(spec: ComponentExport, out_dir: Path, vocab_size: int) -> dict:

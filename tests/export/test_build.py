@@ -303,9 +303,10 @@ def test_vae_encoder_graph_gives_latent_mean_and_std(tiny_engine, fused_pipe, rn
 
 def test_external_data_above_threshold(fused_pipe, tmp_path, monkeypatch):
     # a graph over the protobuf limit keeps its weights in one `.onnx.data` file; shrink the limit to see it
+    from lcmrt.engines import graphs
     from lcmrt.export import onnx_export
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 1000)
     [spec] = [s for s in onnx_export.component_exports(fused_pipe, {
         "batch": 1, "latent_height": 16, "latent_width": 16, "latent_channels": 4, "text_length": 77,
         "height": TINY_HEIGHT, "width": TINY_WIDTH, "unet_batch_sizes": [1]}) if s.name == "text_encoder"]
