@@ -17,3 +17,24 @@ def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_W
                            **overrides)
     build_engine_folder(request)
     return out
+
+
+def diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, guidance=1.0, negative_prompt=None):
+    """diffusers' image for explicit latents, with LCMScheduler's per-step noise replaced by `step_noise`."""
+    import torch
+    from diffusers.schedulers import scheduling_lcm
+
+    draws = iter(step_noise)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
+        noise = next(draws)
+        assert tuple(shape) == noise.shape
+        return torch.from_numpy(noise.copy()).to(dtype=dtype)
+
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
+    with torch.no_grad():
+        image = reference(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance, latents=torch.from_numpy(latents.copy()), output_type="np").images
+    assert next(draws, None) is None, "diffusers drew fewer noise arrays than steps - 1"
+    monkeypatch.undo()
+    return image

@@ -18,10 +18,10 @@ from lcmrt.export.random_model import SD15_FULL, SD15_TINY, build_taesd, write_r
 from lcmrt.manifest import load_manifest
 
 diffusers = pytest.importorskip("diffusers")
-scheduling_lcm = pytest.importorskip("diffusers.schedulers.scheduling_lcm")
+pytest.importorskip("diffusers.schedulers.scheduling_lcm")
 
 
-from tiny_engines import TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
+from tiny_engines import TINY_HEIGHT, TINY_WIDTH, build_tiny_engine, diffusers_image  # noqa: E402
 LATENT_SHAPE = (1, 4, TINY_HEIGHT // 8, TINY_WIDTH // 8)  # [B, 4, H/8, W/8]
 # Graph vs torch on the decoder alone (fp32 reordered sums, ~1e-6 measured) and the end-to-end [0, 1] image
 # against diffusers (the same bound as tests/runtime/test_pipeline.py).
@@ -90,23 +90,6 @@ def _reference(tiny_model, vae):
     return ref
 
 
-def _reference_image(ref, monkeypatch, latents, step_noise, steps):
-    draws = iter(step_noise)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
-        noise = next(draws)
-        assert tuple(shape) == noise.shape
-        return torch.from_numpy(noise.copy()).to(dtype=dtype)
-
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
-    with torch.no_grad():
-        image = ref(PROMPT, num_inference_steps=steps, guidance_scale=1.0,
-                    latents=torch.from_numpy(latents.copy()), output_type="np").images
-    assert next(draws, None) is None
-    monkeypatch.undo()
-    return image
-
-
 def test_image_matches_diffusers_with_autoencoder_tiny(tiny_vae_engine, tiny_model, taesd, monkeypatch):
     steps = 4
     rng = np.random.default_rng(11)
@@ -114,14 +97,14 @@ def test_image_matches_diffusers_with_autoencoder_tiny(tiny_vae_engine, tiny_mod
     step_noise = [rng.standard_normal(LATENT_SHAPE, dtype=np.float32) for _ in range(steps - 1)]
     image = Pipeline.load(tiny_vae_engine)(PROMPT, num_inference_steps=steps, latents=latents,
                                             step_noise=step_noise, output="np")
-    expected = _reference_image(_reference(tiny_model, _autoencoder_tiny(taesd)), monkeypatch, latents, step_noise,
+    expected = diffusers_image(_reference(tiny_model, _autoencoder_tiny(taesd)), monkeypatch, PROMPT, latents, step_noise,
                                 steps)
     diff = float(np.abs(image - expected).max())
     print(f"4 steps, TAESD decoder: max abs diff vs diffusers (pipe.vae = AutoencoderTiny) {diff:.2e}")
     assert image.shape == expected.shape == (1, TINY_HEIGHT, TINY_WIDTH, 3)
     assert diff <= MAX_IMAGE_DIFF
     # the test could fail: the model's own VAE gives another image from the same latents
-    full_vae = _reference_image(_reference(tiny_model, None), monkeypatch, latents, step_noise, steps)
+    full_vae = diffusers_image(_reference(tiny_model, None), monkeypatch, PROMPT, latents, step_noise, steps)
     assert np.abs(image - full_vae).max() > 50 * MAX_IMAGE_DIFF
 
 

@@ -20,11 +20,11 @@ from lcmrt.manifest import MANIFEST_NAME
 from lcmrt.pipeline import MAX_STEPS, PROMPT_CACHE_SIZE
 
 
-from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
+from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine, diffusers_image  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-scheduling_lcm = pytest.importorskip("diffusers.schedulers.scheduling_lcm")
+pytest.importorskip("diffusers.schedulers.scheduling_lcm")
 
 # End-to-end bound on the [0, 1] image against diffusers with the same weights, latents and noise (the runtime
 # issue's contract). fp32 ONNX Runtime against fp32 torch measures ~1e-6 on the tiny model.
@@ -61,29 +61,11 @@ def _draws(seed, steps, num_images=1):
                                                           for _ in range(steps - 1)]
 
 
-def _reference_image(reference, monkeypatch, prompt, negative_prompt, steps, guidance, latents, step_noise):
-    """diffusers' image for explicit latents, with LCMScheduler's per-step noise replaced by `step_noise`."""
-    draws = iter(step_noise)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
-        noise = next(draws)
-        assert tuple(shape) == noise.shape
-        return torch.from_numpy(noise.copy()).to(dtype=dtype)
-
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
-    with torch.no_grad():
-        image = reference(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, latents=torch.from_numpy(latents.copy()), output_type="np").images
-    assert next(draws, None) is None, "diffusers drew fewer noise arrays than steps - 1"
-    monkeypatch.undo()
-    return image
-
-
 @pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("guidance, negative_prompt", [(1.0, None), (1.5, NEGATIVE)])
 def test_image_matches_diffusers(pipe, reference, monkeypatch, steps, guidance, negative_prompt):
     latents, step_noise = _draws(steps, steps)
-    expected = _reference_image(reference, monkeypatch, PROMPT, negative_prompt, steps, guidance, latents, step_noise)
+    expected = diffusers_image(reference, monkeypatch, PROMPT, latents, step_noise, steps, guidance, negative_prompt)
     image = pipe(PROMPT, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                  latents=latents, step_noise=step_noise, output="np")
     assert image.shape == expected.shape == (1, TINY_HEIGHT, TINY_WIDTH, 3)
