@@ -12,7 +12,6 @@ LCM-LoRA: Luo et al., arXiv 2311.05556 (kohya format, rank 64, alpha != rank in 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lcmrt.errors import InputError, LoraError
+from lcmrt.manifest import file_sha256
 
 ROLES = ("lcm", "style")
 COMPONENTS = ("unet", "text_encoder")
@@ -111,14 +111,6 @@ class _FileModule:
     def delta(self) -> torch.Tensor:
         # up @ down flattened to [out, in*kh*kw]; callers reshape to the weight's shape
         return self.up.flatten(1) @ self.down.flatten(1)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_lora_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
@@ -381,7 +373,7 @@ def locate_lora(pipe, spec: LoraSpec, allow_pickle: bool = False) -> tuple[dict,
 def _record(spec: LoraSpec, fmt: str, modules: dict, match: dict, fuse_error: float | None) -> dict:
     """The manifest record of one LoRA."""
     return {
-        "name": spec.name, "role": spec.role, "path": str(spec.path), "sha256": sha256_file(spec.path),
+        "name": spec.name, "role": spec.role, "path": str(spec.path), "sha256": file_sha256(spec.path),
         "format": fmt, "weight": spec.weight, "modules": {c: sum(k[0] == c for k in match) for c in COMPONENTS},
         "ranks": sorted({m.rank for m in modules.values()}),
         "alphas": sorted({m.alpha for m in modules.values()}),
