@@ -51,14 +51,15 @@ def _session(path: Path) -> tuple[ort.InferenceSession, float]:
 
 
 def _alternate(fused, other, feeds, other_feeds, repeats) -> dict:
-    times = {"fused": [], "strategy": []}
+    times, outputs = {"fused": [], "strategy": []}, {}
     for _ in range(repeats + 1):  # first round is warm-up
         for name, session, f in (("fused", fused, feeds), ("strategy", other, other_feeds)):
             start = time.perf_counter()
-            session.run(None, f)
+            outputs[name] = session.run(None, f)[0]
             times[name].append(time.perf_counter() - start)
     fused_s, strategy_s = (statistics.median(t[1:]) for t in times.values())
-    return {"fused_step_s": fused_s, "strategy_step_s": strategy_s, "ratio": strategy_s / fused_s}
+    return {"fused_step_s": fused_s, "strategy_step_s": strategy_s, "ratio": strategy_s / fused_s,
+            "max_abs_diff_vs_fused": float(np.abs(outputs["strategy"] - outputs["fused"]).max())}
 
 
 def inputs_graph(refit_dir: Path, names: set[str]) -> Path:
