@@ -91,11 +91,6 @@ def load_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def component_files(manifest: dict, component: str) -> list[str]:
-    """The graph file and its external data files, relative to the folder."""
-    return list(manifest["components"][component]["sha256"])
-
-
 def component_entry(manifest: dict, component: str, precision: str = "fp32") -> dict:
     """A component's graph entry at `precision`: its fp16 variant where one was built, else the fp32 graph."""
     entry = manifest["components"][component]
