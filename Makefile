@@ -1,21 +1,24 @@
 # Two entry points from a fresh clone: `make demo` and `make test` (see README.md).
-# GPU users override the torch pin, e.g. `make demo TORCH=torch`.
+# Everything installs at the versions pinned in constraints.txt; `make lock` refreshes them.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+LOCK := constraints.txt
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
 DEMO := demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test lock clean
 
 install: $(VENV)/.installed
 
-# torch goes in first and pinned: an unpinned torch pulled in by diffusers would be a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch goes in first: an unpinned torch pulled in by diffusers would be a multi-GB CUDA build. lcmrt itself
+# is built with the pinned setuptools in the venv (no isolated build environment taking the newest one).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[build,test]"
+	$(PIP) --upgrade pip setuptools
+	$(PIP) "$(TORCH)"
+	$(PIP) --no-build-isolation -e ".[build,test]"
 	touch $@
 
 demo: install
@@ -27,6 +30,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The newest versions pyproject.toml allows, resolved in a throwaway venv and written to constraints.txt.
+# Then run `make test`: the suite decides whether the new set lands.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip setuptools
+	.venv-lock/bin/pip install --quiet "$(TORCH)"
+	.venv-lock/bin/pip install --quiet -e ".[build,test]"
+	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) $(DEMO)
