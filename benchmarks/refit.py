@@ -90,15 +90,16 @@ def _swaps(pipe, feeds, output_at_08) -> dict:
             "back_to_0.8_bitwise": bool(np.array_equal(back, output_at_08))}
 
 
-def peak_rss_gb(folder: str, refit: str = "auto", swap: bool = False) -> float:
-    """Peak RSS (VmHWM) of a fresh process that loads `folder`, runs one UNet step and optionally one swap.
-    VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork and exec."""
-    code = ("import sys, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
-            "p = lcmrt.Pipeline.load(sys.argv[1], refit=sys.argv[2]); p.sessions['unet'].run(unet_feeds(p.manifest)); "
+def peak_rss_gb(folder: str, swap: bool = False, **load_options) -> float:
+    """Peak RSS (VmHWM) of a fresh process that loads `folder` with `load_options` (`Pipeline.load`'s), runs
+    one UNet step and optionally one swap. VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork
+    and exec."""
+    code = ("import json, sys, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
+            "p = lcmrt.Pipeline.load(sys.argv[1], **json.loads(sys.argv[2])); p.sessions['unet'].run(unet_feeds(p.manifest)); "
             "sys.argv[3] == '1' and p.set_adapters({'style': 0.5}); "
             "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
-    out = subprocess.run([sys.executable, "-c", code, folder, refit, "1" if swap else "0"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, folder, json.dumps(load_options), "1" if swap else "0"],
+                         check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 2**20
 
 
@@ -138,7 +139,7 @@ def main():
 
     # peak RSS first, while this process is small
     result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused),
-                              **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, mode, swap)
+                              **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, swap, refit=mode)
                                  for mode in ("inputs", "session") for swap in (False, True)}}}
     result["folders"] = compare_folders(args.fused, args.refit, args.repeats)
     result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)

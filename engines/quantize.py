@@ -4,12 +4,15 @@ ONNX Runtime's dynamic quantization (`onnxruntime.quantization.quantize_dynamic`
 Gemm nodes with a constant B are stored as int8 with one scale per output channel; activations are quantized
 to uint8 per tensor at run time (DynamicQuantizeLinear), and at session creation ONNX Runtime fuses the
 products into DynamicQuantizeMatMul / MatMulIntegerToFloat kernels (VNNI int8 dot products where present).
-No calibration data is needed, which suits random and real weights alike. Attention score products
+No calibration data is needed, which suits random and real weights alike. Weights use 7 bits of the int8
+range (`reduce_range`): on x86 CPUs without VNNI the u8s8 products saturate with full-range weights
+(`lcmrt/cpu.py` says why), and 7 bits keep one int8 graph accurate on every x86 CPU. Attention score products
 (Q @ K^T, both activations) stay fp32, and so do convolutions (see `INT8_OP_TYPES`). On the full SD1.5 UNet
 the quantized products are 233 of 803 GFLOP per step (convolutions 444, attention scores 126).
 
 This is an opt-in, lossy option: fidelity is measured in ONNX Runtime, int8 graph against fp32 graph on the
-same seeded inputs, and recorded in the manifest next to the variant. Graph inputs and outputs stay float32,
+same seeded inputs, and recorded in the manifest next to the variant with the CPU it was measured on
+(`measured_on`: ONNX Runtime version, machine, instruction-set flags). Graph inputs and outputs stay float32,
 so the runtime feeds both precisions the same arrays. Components whose weights are refit at run time are
 refused: quantization replaces the weights the refit map names.
 """
@@ -18,8 +21,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
+from ..backends.onnxruntime import cpu_graph_key
 from ..errors import ExportError
 from ..manifest import file_sha256
 from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
@@ -31,6 +33,10 @@ INT8_SUFFIX = ".int8.onnx"
 INT8_OP_TYPES = ("MatMul", "Gemm")
 # One weight scale per output channel, the usual choice for weights (per tensor measured the same on the tiny model).
 INT8_PER_CHANNEL = True
+# 7-bit weights: ONNX Runtime's remedy for u8s8 saturation on AVX2 / AVX-512 without VNNI. Tiny UNet, max abs
+# diff vs fp32 relative to its peak, 3 seeded inputs, ONNX Runtime 1.32: full range 0.56-0.67% on AVX-512
+# VNNI but 5.4-6.5% on AVX2 (saturated); 7-bit 0.59-0.70% on both. Same kernels, so the same speed.
+INT8_REDUCE_RANGE = True
 DEFAULT_INT8_COMPONENTS = ("unet",)
 # Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
 _IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
@@ -42,7 +48,8 @@ def refit_components(manifest: dict) -> set[str]:
 
 
 def quantize_component(folder: Path, manifest: dict, component: str,
-                       op_types: tuple[str, ...] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL) -> dict:
+                       op_types: tuple[str, ...] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL,
+                       reduce_range: bool = INT8_REDUCE_RANGE) -> dict:
     """Write `<component>.int8.onnx` (+ `.data` for graphs over 2 GB) and return its variant entry."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -58,7 +65,8 @@ def quantize_component(folder: Path, manifest: dict, component: str,
     logging.disable(logging.WARNING)
     try:
         quantize_dynamic(source, folder / graph, op_types_to_quantize=list(op_types), per_channel=per_channel,
-                         weight_type=QuantType.QInt8, use_external_data_format=large)
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         use_external_data_format=large)
     except Exception as e:  # the quantizer raises many types; name the component
         raise ExportError(f"Quantizing {component} to int8 failed: {type(e).__name__}: {e}") from e
     finally:
@@ -74,7 +82,9 @@ def quantize_component(folder: Path, manifest: dict, component: str,
         "sha256": {name: file_sha256(folder / name) for name in files},
         "precision": "int8",
         "io_dtype": "float32",
-        "quantization": {"method": "onnxruntime-dynamic", "op_types": list(op_types), "weights": "int8",
+        "quantization": {"method": "onnxruntime-dynamic", "op_types": list(op_types),
+                         "weights": "int8 (7-bit range)" if reduce_range else "int8",
+                         "reduce_range": reduce_range,
                          "activations": "uint8 (per tensor, at run time)", "per_channel": per_channel,
                          "quantized_nodes": quantized},
         "source_sha256": entry["sha256"][entry["file"]],
@@ -83,7 +93,7 @@ def quantize_component(folder: Path, manifest: dict, component: str,
 
 def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, ...] = DEFAULT_INT8_COMPONENTS,
                     seed: int = FIDELITY_SEED, op_types: tuple[str, ...] = INT8_OP_TYPES,
-                    per_channel: bool = INT8_PER_CHANNEL) -> dict[str, dict]:
+                    per_channel: bool = INT8_PER_CHANNEL, reduce_range: bool = INT8_REDUCE_RANGE) -> dict[str, dict]:
     """Write int8 graphs for `components`, measure each against its fp32 graph, and record them in `manifest`
     as `components[c]["variants"]["int8"]`; return component -> variant entry. The caller writes the manifest."""
     folder = Path(folder)
@@ -96,19 +106,24 @@ def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, .
             raise ExportError(
                 f"{folder}: {component} is refit at run time (built with --refittable), and int8 quantization "
                 "replaces the weights its refit map names. Build without --refittable to quantize it.")
-    vocab = _vocab_size(folder, manifest)
     entries = {}
     for component in components:
-        entry = quantize_component(folder, manifest, component, op_types, per_channel)
-        fp32 = manifest["components"][component]
-        fidelity = compare_graphs(folder / fp32["file"], folder / entry["file"],
-                                    example_inputs(fp32, seed, vocab), _IMAGE_OUTPUTS.get(component, ()))
-        fidelity["seed"] = seed
-        entry["fidelity"] = fidelity
-        fp32.setdefault("variants", {})["int8"] = entry
+        entry = quantize_component(folder, manifest, component, op_types, per_channel, reduce_range)
+        entry["fidelity"] = int8_fidelity(folder, manifest, component, entry, seed)
+        manifest["components"][component].setdefault("variants", {})["int8"] = entry
         entries[component] = entry
     return entries
 
 
-__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_SUFFIX", "quantize_component",
-           "quantize_folder"]
+def int8_fidelity(folder: Path, manifest: dict, component: str, variant: dict, seed: int = FIDELITY_SEED) -> dict:
+    """An int8 variant's outputs against its fp32 graph on seeded inputs, run on this CPU (which it records:
+    the error depends on the instruction set, see INT8_REDUCE_RANGE)."""
+    fp32 = manifest["components"][component]
+    fidelity = compare_graphs(folder / fp32["file"], folder / variant["file"],
+                              example_inputs(fp32, seed, _vocab_size(folder, manifest)),
+                              _IMAGE_OUTPUTS.get(component, ()))
+    return {**fidelity, "seed": seed, "measured_on": cpu_graph_key()}
+
+
+__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_REDUCE_RANGE", "INT8_SUFFIX", "int8_fidelity",
+           "quantize_component", "quantize_folder"]

@@ -167,6 +167,7 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
                               + (f", PSNR {psnr[0]:.1f} dB" if psnr else "")
                               + ("" if fidelity["finite"] else " [red]non-finite output[/red]"))
     if int8:
+        from .cpu import has_int8_vnni
         from .engines.quantize import quantize_folder
         from .manifest import load_manifest, write_manifest
 
@@ -176,10 +177,12 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
             write_manifest(folder, manifest)
         if console is not None:
             for name, entry in entries.items():
+                vnni = has_int8_vnni(entry["fidelity"]["measured_on"]["isa"])
                 for output, fidelity in entry["fidelity"]["outputs"].items():
                     console.print(f"{name} int8 vs fp32: {output} max abs diff {fidelity['max_abs_diff']:.2e} "
                                   f"({100 * fidelity['relative']:.2f}% of its peak)"
-                                  + (f", PSNR {fidelity['psnr_db']:.1f} dB" if "psnr_db" in fidelity else ""))
+                                  + (f", PSNR {fidelity['psnr_db']:.1f} dB" if "psnr_db" in fidelity else "")
+                                  + f", measured on this CPU ({'with' if vnni else 'without'} VNNI)")
     if backend == "tensorrt":
         from .engines.tensorrt import build_engines
 

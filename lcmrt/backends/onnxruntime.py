@@ -10,12 +10,13 @@ itself (a few fields of the ONNX protobuf, without the `onnx` package) to give c
 from __future__ import annotations
 
 import mmap
-import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError
 from ..manifest import component_entry, verify_component
 from .base import Backend, Session, TensorSpec
@@ -104,9 +105,13 @@ class OnnxRuntimeBackend(Backend):
         if pre_optimized:  # built on a CPU like this one: skip ONNX Runtime's graph optimizations at load
             variant = PRE_OPTIMIZED
         path = verify_component(folder, manifest, component, variant)
+        entry = component_entry(manifest, component, variant)
+        if entry["precision"] == "int8" and self.device == "cpu":
+            if message := int8_accuracy_warning(str(folder), entry, cpu_description()["isa"]):
+                warnings.warn(message, stacklevel=2)
         session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
                              optimize=not pre_optimized)
-        session.precision = component_entry(manifest, component, variant)["precision"]
+        session.precision = entry["precision"]
         return session
 
     def _providers(self, folder: Path) -> list:
@@ -292,15 +297,7 @@ class OrtSession(Session):
 
 def cpu_graph_key() -> dict:
     """What a pre-optimized CPU graph depends on: ONNX Runtime's version and the CPU's instruction set."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                          "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve"})
-    return {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa": isa}
+    return {"onnxruntime": ort.__version__, **cpu_description()}
 
 
 class DeviceBinding:
