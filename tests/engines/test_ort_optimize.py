@@ -1,4 +1,5 @@
-"""Pre-optimized ONNX Runtime CPU graphs: written at build time, used only on a matching CPU, same numbers."""
+"""Pre-optimized ONNX Runtime CPU graphs: written at build time, used only on a matching CPU, the same image
+up to float32 rounding."""
 import json
 import shutil
 
@@ -7,6 +8,8 @@ import pytest
 
 import lcmrt
 import lcmrt.backends.onnxruntime as ort_backend
+
+from tiny_engines import CROSS_GRAPH_ATOL
 
 
 def test_build_writes_keyed_cpu_graphs(tiny_engine):
@@ -25,7 +28,9 @@ def test_pre_optimized_graphs_give_the_same_image(tiny_engine, monkeypatch):
     monkeypatch.setattr(ort_backend, "cpu_graph_key", lambda: {"onnxruntime": "0.0", "machine": "x", "isa": []})
     plain = lcmrt.Pipeline.load(tiny_engine)
     assert all(s.path.name == f"{n}.onnx" for n, s in plain.sessions.items())
-    np.testing.assert_array_equal(plain("a fox", seed=4, output="np"), image)
+    # not bitwise: ONNX Runtime does not promise that the saved rewrite and the one made at load run the
+    # same kernels in the same order
+    np.testing.assert_allclose(plain("a fox", seed=4, output="np"), image, rtol=0, atol=CROSS_GRAPH_ATOL)
 
 
 def test_refittable_components_keep_plain_graphs(tiny_refit_engine):

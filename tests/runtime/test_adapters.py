@@ -14,13 +14,14 @@ from lcmrt.manifest import MANIFEST_NAME, load_manifest
 from lcmrt.pipeline import Pipeline
 
 
-from tiny_engines import STYLE_WEIGHT, build_tiny_engine  # noqa: E402
+from tiny_engines import CROSS_GRAPH_ATOL, STYLE_WEIGHT, build_tiny_engine  # noqa: E402
 
 PROMPT = "a paper cut fox in the snow"
 GUIDANCE = 1.5  # cfg: both the conditional and the unconditional text embeddings go through the refit weights
 # The refit weight W_base + w * scale * up @ down is computed in numpy, the fused one by torch/peft; the two
-# differ by a few float32 ulps of the weight, which moves a tiny-model image by ~1e-7.
-PARITY_ATOL = 1e-5
+# differ by a few float32 ulps of the weight, and run through different graphs (weights as inputs vs folded):
+# float32 rounding only, measured <= 8e-7 on the tiny-model image.
+PARITY_ATOL = CROSS_GRAPH_ATOL
 
 
 def _images(pipe, prompt=PROMPT, **kwargs):

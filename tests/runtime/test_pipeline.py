@@ -20,7 +20,8 @@ from lcmrt.manifest import MANIFEST_NAME
 from lcmrt.pipeline import MAX_STEPS, PROMPT_CACHE_SIZE
 
 
-from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine, diffusers_image  # noqa: E402
+from tiny_engines import (CROSS_GRAPH_ATOL, STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine,  # noqa: E402
+                          diffusers_image)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -320,10 +321,11 @@ def test_guidance_needs_the_unconditional_batch(unguided_pipe, pipe):
     with pytest.raises(GenerationError, match=r"guidance_scale=1\.5 needs the unconditional batch.*"
                                               r"guidance_scale <= 1, or rebuild with --guidance-mode cfg"):
         unguided_pipe(PROMPT, guidance_scale=1.5, seed=0)
-    # guidance <= 1 runs, and equals the cfg folder's image: same weights, conditional batch only
+    # guidance <= 1 runs, and equals the cfg folder's image: same weights, conditional batch only (up to
+    # float32 rounding: a static-batch graph and a dynamic-batch one may run different kernels)
     latents, step_noise = _draws(9, 2)
     kwargs = dict(num_inference_steps=2, guidance_scale=1.0, latents=latents, step_noise=step_noise, output="np")
-    np.testing.assert_allclose(unguided_pipe(PROMPT, **kwargs), pipe(PROMPT, **kwargs), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(unguided_pipe(PROMPT, **kwargs), pipe(PROMPT, **kwargs), rtol=0, atol=CROSS_GRAPH_ATOL)
 
 
 def test_wrong_latents(pipe):
