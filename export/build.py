@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import __version__
+from ..engines.build import EngineRequest, add_engines, check_engine_request
 from ..errors import InputError
 from ..families import get_family
 from ..manifest import FORMAT_VERSION, write_manifest
@@ -37,8 +38,12 @@ class BuildRequest:
     overwrite: bool = False
     refittable: bool = False  # keep style LoRAs unfused, swappable at run time
     refittable_lcm: bool = False  # keep the LCM-LoRA unfused too
-    ort_cpu_graphs: bool = True  # also save ONNX Runtime's optimized CPU graphs (fast session creation)
     vae_decoder: Path | None = None  # an AutoencoderTiny folder (TAESD) to decode with instead of the model's VAE
+    # built on top of the ONNX graphs: pre-optimized CPU graphs (on by default), fp16, int8, TensorRT engines
+    engines: EngineRequest = field(default_factory=EngineRequest)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
 
     @property
     def keeps_refit_map(self) -> bool:
@@ -65,6 +70,7 @@ def check_request(req: BuildRequest) -> None:
             raise InputError(f"LoRA file {spec.path} does not exist.")
     if req.vae_decoder is not None:
         check_tiny_vae_folder(Path(req.vae_decoder), req.allow_pickle)
+    check_engine_request(req.engines, req.keeps_refit_map)
 
 
 TINY_VAE_CLASS = "AutoencoderTiny"
@@ -164,12 +170,13 @@ def _json_safe(config) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
 
 
-def build_engine_folder(req: BuildRequest, stages: Stages | None = None) -> dict:
-    """Run the whole build; return the manifest written to `req.out/manifest.json`."""
+def build_engine_folder(req: BuildRequest, stages: Stages | None = None, log=None) -> dict:
+    """Run the whole build; return the manifest written to `req.out/manifest.json`. `log` (print-like)
+    receives the TensorRT builder's messages."""
     check_request(req)
     stages = stages or Stages()
     with library_output_silenced():
-        return _build(req, stages)
+        return _build(req, stages, log)
 
 
 def load_tiny_vae(path: Path, family, allow_pickle: bool = False):
@@ -188,7 +195,7 @@ def load_tiny_vae(path: Path, family, allow_pickle: bool = False):
     return vae.eval()
 
 
-def _build(req: BuildRequest, stages: Stages) -> dict:
+def _build(req: BuildRequest, stages: Stages, log) -> dict:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
@@ -253,10 +260,7 @@ def _build(req: BuildRequest, stages: Stages) -> dict:
         }
         if req.keeps_refit_map:
             write_refit_input_graphs(tmp, manifest)
-        if req.ort_cpu_graphs:
-            from ..engines.ort_optimize import optimize_folder
-
-            with stages.stage("optimize CPU graphs"):
-                optimize_folder(tmp, manifest)
-        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        write_manifest(tmp, manifest)
+        # inside the hidden folder too: a failed fp16, int8 or TensorRT step leaves no folder behind
+        manifest = add_engines(tmp, req.engines, stages, log)
     return manifest

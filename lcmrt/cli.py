@@ -106,6 +106,7 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
+    from .engines.build import EngineRequest, add_engines
     from .errors import InputError
     from .progress import Stages
 
@@ -113,32 +114,21 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = _console(quiet)
     stages = Stages(console)
-    if backend == "tensorrt":  # fail before minutes of export, not after
-        from .backends.tensorrt import INSTALL_HINT, TensorRTBackend
-        from .errors import BackendError
-
-        if not TensorRTBackend.installed():
-            raise BackendError(f"--backend tensorrt needs TensorRT and CuPy on this machine. {INSTALL_HINT}")
+    log = console.print if console is not None else None
+    engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, fp16=fp16, fp16_vae=fp16_vae, int8=int8,
+                            workspace=workspace)
     if engines_only is not None:
         if model or lcm_lora or out or vae_decoder:
             raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out "
                              "and --vae-decoder.")
         folder = engines_only
-        if ort_cpu_graphs and backend == "onnxruntime":  # this machine's CPU graphs (they are CPU-specific)
-            from .engines.ort_optimize import optimize_folder
-            from .manifest import load_manifest, write_manifest
-
-            with stages.stage("optimize CPU graphs"):
-                manifest = load_manifest(folder)
-                optimize_folder(folder, manifest)
-                write_manifest(folder, manifest)
+        # a GPU machine building its engines leaves the folder's CPU graphs as they are
+        engines.ort_cpu_graphs = ort_cpu_graphs and backend == "onnxruntime"
+        manifest = add_engines(folder, engines, stages, log)
     else:
         missing = [name for name, value in (("MODEL", model), ("--lcm-lora", lcm_lora), ("--out", out)) if not value]
         if missing:
             raise InputError(f"lcmrt build needs {', '.join(missing)} (or --engines-only FOLDER). See `lcmrt build --help`.")
-        if int8 and (refittable or refittable_lcm):  # fail before minutes of export, not after
-            raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
-                             "--refittable-lcm keep swappable: leave out one or the other.")
         from .export.build import BuildRequest, build_engine_folder
         from .export.lora import LoraSpec, parse_lora_arg
 
@@ -146,49 +136,35 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
             model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
             loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
-            refittable=refittable, refittable_lcm=refittable_lcm, ort_cpu_graphs=ort_cpu_graphs,
-            vae_decoder=vae_decoder)
-        manifest = build_engine_folder(request, stages)
+            refittable=refittable, refittable_lcm=refittable_lcm, vae_decoder=vae_decoder, engines=engines)
+        manifest = build_engine_folder(request, stages, log)
+        folder = out
         if console is not None:
             _print_build_summary(console, out, manifest)
-        folder = out
-    if fp16 if fp16 is not None else backend == "tensorrt":
-        from .engines.fp16 import convert_folder, record_variants
+    if console is not None:
+        _print_variant_fidelity(console, manifest, [p for p, wanted in (("fp16", engines.wants_fp16),
+                                                                       ("int8", int8)) if wanted])
 
-        with stages.stage("FP16 graphs"):
-            components = ("text_encoder", "unet") + (("vae_decoder",) if fp16_vae else ())
-            entries = convert_folder(folder, components)
-            record_variants(folder, entries)
-        if console is not None:
-            for name, entry in entries.items():
-                fidelity = entry["fidelity"]
-                psnr = [o["psnr_db"] for o in fidelity["outputs"].values() if o.get("psnr_db")]
-                console.print(f"{name} fp16 vs fp32: max abs diff {fidelity['max_abs_diff']:.2e}"
-                              + (f", PSNR {psnr[0]:.1f} dB" if psnr else "")
-                              + ("" if fidelity["finite"] else " [red]non-finite output[/red]"))
-    if int8:
-        from .cpu import has_int8_vnni
-        from .engines.quantize import quantize_folder
-        from .manifest import load_manifest, write_manifest
 
-        with stages.stage("INT8 graphs"):
-            manifest = load_manifest(folder)
-            entries = quantize_folder(folder, manifest)
-            write_manifest(folder, manifest)
-        if console is not None:
-            for name, entry in entries.items():
-                vnni = has_int8_vnni(entry["fidelity"]["measured_on"]["isa"])
-                for output, fidelity in entry["fidelity"]["outputs"].items():
-                    console.print(f"{name} int8 vs fp32: {output} max abs diff {fidelity['max_abs_diff']:.2e} "
-                                  f"({100 * fidelity['relative']:.2f}% of its peak)"
-                                  + (f", PSNR {fidelity['psnr_db']:.1f} dB" if "psnr_db" in fidelity else "")
-                                  + f", measured on this CPU ({'with' if vnni else 'without'} VNNI)")
-    if backend == "tensorrt":
-        from .engines.tensorrt import build_engines
+def _print_variant_fidelity(console, manifest: dict, precisions: list[str]) -> None:
+    """One line per fp16/int8 graph variant: its outputs against the fp32 graph, as measured at build."""
+    from .cpu import has_int8_vnni
 
-        with stages.stage("TensorRT engines"):
-            build_engines(folder, precision="fp16" if fp16 is not False else "fp32", workspace=workspace,
-                          log=console.print if console is not None else (lambda *_: None))
+    for name, component in manifest["components"].items():
+        for precision in precisions:
+            fidelity = component.get("variants", {}).get(precision, {}).get("fidelity")
+            if fidelity is None:
+                continue
+            for output, diff in fidelity["outputs"].items():
+                line = (f"{name} {precision} vs fp32: {output} max abs diff {diff['max_abs_diff']:.2e} "
+                        f"({100 * diff['relative']:.2f}% of its peak)")
+                if diff.get("psnr_db"):
+                    line += f", PSNR {diff['psnr_db']:.1f} dB"
+                if not fidelity["finite"]:
+                    line += " [red]non-finite output[/red]"
+                if "measured_on" in fidelity:
+                    line += f", measured on this CPU ({'with' if has_int8_vnni(fidelity['measured_on']['isa']) else 'without'} VNNI)"
+                console.print(line)
 
 
 def _print_build_summary(console, out: Path, manifest: dict) -> None:

@@ -1,6 +1,7 @@
 """`lcmrt build` (lcmrt.export.build) on the tiny random SD1.5 model: the engine folder's manifest, every
 graph against an independently fused torch pipeline, build variants, atomicity and the CLI's output."""
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -476,3 +477,49 @@ def test_failed_overwrite_keeps_the_old_folder(tiny_model, tiny_engine, tmp_path
         build_tiny_engine(tiny_model, out, style_weight=None, overwrite=True)
     assert {str(p.relative_to(out)): sha256(p) for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+# ----------------------------------------------------------------------------- one build API for every option
+
+def test_build_request_builds_variants_in_one_call(tiny_model, tmp_path):
+    """Everything `lcmrt build` can add (CPU graphs, fp16, int8) is reachable from Python in one request."""
+    from lcmrt.engines.build import EngineRequest
+
+    out = tmp_path / "engine"
+    build_tiny_engine(tiny_model, out, style_weight=None, engines=EngineRequest(fp16=True, int8=True))
+    components = manifest_of(out)["components"]
+    assert set(components["unet"]["variants"]) == {"ort-cpu", "fp16", "int8"}
+    assert set(components["text_encoder"]["variants"]) == {"ort-cpu", "fp16"}
+    assert "fp16" not in components["vae_decoder"]["variants"]  # only on request (fp16_vae)
+    for entry in (components["unet"]["variants"]["fp16"], components["unet"]["variants"]["int8"]):
+        assert entry["fidelity"]["finite"] and (out / entry["file"]).is_file()
+
+
+def test_failed_variant_step_leaves_no_folder(tiny_model, tmp_path, monkeypatch):
+    """fp16/int8/TensorRT steps run inside the hidden folder: a failure there removes it like any other."""
+    from lcmrt.engines import quantize
+    from lcmrt.engines.build import EngineRequest
+
+    def fail(*args, **kwargs):
+        raise ExportError("injected")
+
+    monkeypatch.setattr(quantize, "quantize_folder", fail)
+    with pytest.raises(ExportError, match="injected"):
+        build_tiny_engine(tiny_model, tmp_path / "engine", style_weight=None, engines=EngineRequest(int8=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_request_checks_engine_options_before_exporting(tiny_model, tmp_path, monkeypatch):
+    from lcmrt.engines.build import EngineRequest
+    from lcmrt.errors import BackendError, InputError
+    from lcmrt.export import build as export_build
+
+    monkeypatch.setattr(export_build, "_build", lambda *a: pytest.fail("exported before checking the request"))
+    with pytest.raises(InputError, match="--int8 replaces the UNet's weights"):
+        build_tiny_engine(tiny_model, tmp_path / "a", refittable=True, engines=EngineRequest(int8=True))
+    with pytest.raises(InputError, match="backend 'openvino' is not one of onnxruntime, tensorrt"):
+        build_tiny_engine(tiny_model, tmp_path / "b", engines=EngineRequest(backend="openvino"))
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendError, match="needs TensorRT and CuPy"):
+            build_tiny_engine(tiny_model, tmp_path / "c", engines=EngineRequest(backend="tensorrt"))
+    assert list(tmp_path.iterdir()) == []

@@ -163,12 +163,13 @@ def test_tiny_vae_for_other_latents_is_refused(tiny_model, tmp_path):
     path = tmp_path / "taesd16"
     diffusers.AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8,) * 4,
                               decoder_block_out_channels=(8,) * 4).save_pretrained(path)
+    from lcmrt.engines.build import EngineRequest
     from lcmrt.export.build import BuildRequest, build_engine_folder
     from lcmrt.export.lora import LoraSpec
 
     request = BuildRequest(model=str(tiny_model["model"]), out=tmp_path / "out", height=64, width=64,
                            lcm_lora=LoraSpec(tiny_model["lcm_lora"], weight=1.0, name="lcm", role="lcm"),
-                           vae_decoder=path, ort_cpu_graphs=False)
+                           vae_decoder=path, engines=EngineRequest(ort_cpu_graphs=False))
     with pytest.raises(InputError, match="16-channel latents, but sd15 makes 4-channel"):
         build_engine_folder(request)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,84 @@
+"""What lcmrt builds on top of an engine folder's fp32 ONNX graphs, in one call: this CPU's pre-optimized ONNX
+Runtime graphs, FP16 and INT8 graph variants (with their measured fidelity) and TensorRT engines.
+
+`lcmrt build` runs it inside the new folder before it is renamed into place (`lcmrt.export.build`), and
+`lcmrt build --engines-only FOLDER` on an existing folder; Python callers do the same through
+`BuildRequest(engines=EngineRequest(...))` or `add_engines(folder, EngineRequest(...))`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BackendError, InputError
+from ..manifest import load_manifest, write_manifest
+from ..progress import Stages
+
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class EngineRequest:
+    backend: str = "onnxruntime"  # "tensorrt" also builds TensorRT engines for this GPU
+    ort_cpu_graphs: bool = True  # this CPU's pre-optimized ONNX Runtime graphs (fast session creation)
+    fp16: bool | None = None  # FP16 text encoder and UNet graphs; None: only with backend "tensorrt"
+    fp16_vae: bool = False  # an FP16 VAE decoder too
+    int8: bool = False  # an INT8 UNet graph (lossy, faster on CPUs)
+    workspace: str | int = "2G"  # TensorRT builder workspace limit
+
+    @property
+    def wants_fp16(self) -> bool:
+        return self.fp16 if self.fp16 is not None else self.backend == "tensorrt"
+
+
+def check_engine_request(req: EngineRequest, refittable: bool) -> None:
+    """Cheap checks before any work (a full-size export takes minutes). `refittable`: the folder keeps
+    adapters swappable at run time."""
+    if req.backend not in ENGINE_BACKENDS:
+        raise InputError(f"backend {req.backend!r} is not one of {', '.join(ENGINE_BACKENDS)}.")
+    if req.backend == "tensorrt":
+        from ..backends.tensorrt import INSTALL_HINT, TensorRTBackend
+
+        if not TensorRTBackend.installed():
+            raise BackendError(f"--backend tensorrt needs TensorRT and CuPy on this machine. {INSTALL_HINT}")
+    if req.int8 and refittable:
+        raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
+                         "--refittable-lcm keep swappable: leave out one or the other.")
+
+
+def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = None, log=None) -> dict:
+    """Build what `req` asks for into the engine folder `folder`, recording each in its manifest; return the
+    manifest. `log` (a print-like callable) receives the TensorRT builder's messages."""
+    folder = Path(folder)
+    stages = stages or Stages()
+    manifest = load_manifest(folder)
+    check_engine_request(req, bool(manifest.get("refit_map")))
+    if req.ort_cpu_graphs:
+        from .ort_optimize import optimize_folder
+
+        with stages.stage("optimize CPU graphs"):
+            optimize_folder(folder, manifest)
+            write_manifest(folder, manifest)
+    if req.wants_fp16:
+        from .fp16 import DEFAULT_FP16_COMPONENTS, convert_folder, record_variants
+
+        with stages.stage("FP16 graphs"):
+            components = DEFAULT_FP16_COMPONENTS + (("vae_decoder",) if req.fp16_vae else ())
+            manifest = record_variants(folder, convert_folder(folder, components))
+    if req.int8:
+        from .quantize import quantize_folder
+
+        with stages.stage("INT8 graphs"):
+            quantize_folder(folder, manifest)
+            write_manifest(folder, manifest)
+    if req.backend == "tensorrt":
+        from .tensorrt import build_engines
+
+        with stages.stage("TensorRT engines"):
+            build_engines(folder, precision="fp16" if req.fp16 is not False else "fp32", workspace=req.workspace,
+                          log=log or (lambda *_: None))
+        manifest = load_manifest(folder)
+    return manifest
+
+
+__all__ = ["ENGINE_BACKENDS", "EngineRequest", "add_engines", "check_engine_request"]
