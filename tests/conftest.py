@@ -57,3 +57,9 @@ def tiny_refit_engine(tiny_model, tmp_path_factory):
     """Like tiny_engine, but the style LoRA (0.8) is refittable: LCM fused, refit map, adapters/style.
     Treat it as read-only; copy it to add adapters."""
     return build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-refit", refittable=True)
+
+
+# CPU stand-in for TensorRT / CuPy / ONNX Runtime CUDA (tests/gpu_standin): fixtures gpu_standin_modules,
+# ort_cuda_standin, trt_engine_folder, trt_refit_folder
+from gpu_standin.fixtures import (gpu_standin_modules, ort_cuda_standin, trt_engine_folder,  # noqa: E402,F401
+                                  trt_refit_folder)

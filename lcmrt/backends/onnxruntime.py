@@ -151,6 +151,7 @@ class OrtSession(Session):
         # _weight_feeds with every run; otherwise refit re-creates the session with external initializers.
         self._weight_inputs = set(weight_inputs or ())
         self._weight_feeds: dict[str, np.ndarray] = {}
+        self._weight_version = 0  # bumped when _weight_feeds change, so device bindings copy them in again
         self._weights = self._checked(weights) if weights and not self._weight_inputs else {}
         self._session = self._create(self._weights)
         # ONNX Runtime lists initializers that are also graph inputs apart from the inputs, as overridable
@@ -240,6 +241,7 @@ class OrtSession(Session):
                 "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
         if self._weight_inputs:
             self._weight_feeds = {**self._weight_feeds, **self._checked_inputs(weights)}
+            self._weight_version += 1
             return
         arrays = self._checked(weights)
         merged = {**self._weights, **arrays}
@@ -313,12 +315,19 @@ class DeviceBinding:
         self._bindings: dict[tuple, tuple] = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key = tuple((name, feeds[name].shape) for name in self.session.inputs)
+        weights = self.session._weight_feeds  # refit="inputs": adapter weights are graph inputs too
+        # a new set of weight names needs its own binding (and graph id): a captured graph keeps its buffers
+        key = (tuple((name, feeds[name].shape) for name in self.session.inputs), tuple(sorted(weights)))
         if key not in self._bindings:
-            self._bindings[key] = self._bind(feeds, graph_id=len(self._bindings) + 1)
-        io, inputs, outputs, run_options = self._bindings[key]
-        for name, value in inputs.items():
-            value.update_inplace(np.ascontiguousarray(feeds[name]))
+            self._bindings[key] = [*self._bind({**feeds, **weights}, graph_id=len(self._bindings) + 1), -1]
+        binding = self._bindings[key]
+        io, inputs, outputs, run_options, version = binding
+        for name in self.session.inputs:
+            inputs[name].update_inplace(np.ascontiguousarray(feeds[name]))
+        if version != self.session._weight_version:  # weights change on refit only: copy them then, not per run
+            for name, value in weights.items():
+                inputs[name].update_inplace(value)
+            binding[4] = self.session._weight_version
         self.session._session.run_with_iobinding(io, run_options)
         return {name: value.numpy() for name, value in outputs.items()}
 
@@ -327,8 +336,8 @@ class DeviceBinding:
         for name, spec in self.session.inputs.items():
             sizes.update({d: n for d, n in zip(spec.shape, feeds[name].shape) if isinstance(d, str)})
         io = self.session._session.io_binding()
-        inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[name]), self.device, self.device_id)
-                  for name in self.session.inputs}
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
+                  for name, value in feeds.items()}
         for name, value in inputs.items():
             io.bind_ortvalue_input(name, value)
         outputs = {}

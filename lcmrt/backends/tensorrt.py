@@ -41,6 +41,10 @@ _TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT6
 # (lcmrt.sampler.StepCoefficients fields); clip_range and final are fixed per graph.
 DEVICE_COEFFICIENTS = ("x0_from_sample", "x0_from_output", "x0_divisor", "c_skip", "c_out",
                        "sqrt_alpha_next", "sqrt_beta_next")
+# `precision=` as `lcmrt generate --precision` passes it: an engine's precision is fixed when it is built
+# (fp16 engines come from the fp16 graphs, components without one get an fp32 engine), so "fp16" (or None)
+# takes the engines as built and "fp32" insists on fp32 engines; TensorRT engines here are never int8.
+PRECISIONS = (None, "fp16", "fp32")
 INSTALL_HINT = ('Install the GPU extra on the GPU machine: `pip install "lcmrt[gpu]"` (TensorRT, CuPy, '
                 "ONNX Runtime GPU); on Jetson use JetPack's TensorRT and a CuPy wheel for its CUDA.")
 
@@ -132,7 +136,12 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, device_id: int = 0, cuda_graphs: bool = True, verify_plans: bool = True):
+    def __init__(self, device_id: int = 0, cuda_graphs: bool = True, verify_plans: bool = True,
+                 precision: str | None = None):
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision must be one of {', '.join(p for p in PRECISIONS if p)} for the tensorrt "
+                               f"backend, got {precision!r}.")
+        self.precision = precision
         self.trt, self.cupy = _import_gpu()
         try:
             self.cupy.cuda.Device(device_id).use()
@@ -154,6 +163,10 @@ class TensorRTBackend(Backend):
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> TrtSession:
         folder = Path(folder)
         entry = select_engine(folder, manifest, component, self.key, check_plan_hash=self.verify_plans)
+        if self.precision == "fp32" and entry["precision"] != "fp32":
+            raise BackendError(f"The {component} TensorRT engine in {folder} is {entry['precision']}, but precision "
+                               f"fp32 was asked for. Rebuild the engines without --fp16 (`{rebuild_command(folder)}`) "
+                               "or leave precision unset.")
         session = TrtSession(self, folder, entry, component)
         if weights:  # the engine holds the base weights; a refit is cheap here
             session.refit(weights)
@@ -252,10 +265,11 @@ class TrtSession(Session):
                 raise BackendError(f"{self.component} input {name!r}: expected {plan.dtype}{list(plan.shape)}, got {got}.")
 
     # --- refit ------------------------------------------------------------------------------------------
-    @property
-    def denoise_loop(self, batch: int) -> "CudaGraphDenoiser":
-        """The LCM loop on the device, one CUDA-graph launch per step."""
-        if self._loop is None:
+    def denoise_loop(self, batch: int) -> "CudaGraphDenoiser | None":
+        """The LCM loop on the device for `batch` latents, one CUDA-graph launch per step (UNet only)."""
+        if "sample" not in self.plans:
+            return None
+        if self._loop is None or self._loop.n != batch:
             self._loop = CudaGraphDenoiser(self, batch, use_graphs=self.cuda_graphs)
         return self._loop
 
@@ -264,7 +278,7 @@ class TrtSession(Session):
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Set graph weights (initializer name -> full new value) in the engine. All or nothing."""
-        if not self.refittable:
+        if not self.refittable():
             raise BackendError(
                 f"The {self.component} engine was built without refittable weights (the folder had no refit map "
                 f"for it). Rebuild it with `{rebuild_command(self.folder)}` after adding adapters.")

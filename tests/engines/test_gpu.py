@@ -17,7 +17,7 @@ def trt_folder(tiny_folder, tmp_path_factory):
     import onnx
 
     from lcmrt.engines.fp16 import convert_folder, record_variants
-    from lcmrt.engines.tensorrt import build_engines
+    from lcmrt.engines.tensorrt import build_engines, refit_targets
 
     folder = tmp_path_factory.mktemp("trt") / "tiny"
     shutil.copytree(tiny_folder, folder)
@@ -25,7 +25,12 @@ def trt_folder(tiny_folder, tmp_path_factory):
     manifest = load_manifest(folder)
     graph = onnx.load(str(folder / manifest["components"]["unet"]["variants"]["fp16"]["file"]))
     weights = [t.name for t in graph.initializer if len(t.dims) == 4][:REFIT_WEIGHTS]  # conv kernels
-    manifest["refit_map"] = {"unet": {f"module{i}": {"weight": n, "transpose": False} for i, n in enumerate(weights)}}
+    # the refit map's layout (lcmrt.export.adapters) and an unfused adapter targeting those modules: only
+    # targeted weights are marked refittable (engines/tensorrt.py refit_targets)
+    modules = {f"unet.module{i}": {"component": "unet", "weight": n, "transpose": False} for i, n in enumerate(weights)}
+    manifest["refit_map"] = modules
+    manifest["adapters"].append({"name": "test", "weight": 0.0, "fused": False, "targets": sorted(modules)})
+    assert refit_targets(manifest, "unet") == sorted(weights)
     write_manifest(folder, manifest)
     build_engines(folder, workspace="1G")
     return folder
@@ -116,7 +121,7 @@ def test_refit_from_pristine_weights(trt_folder):
     manifest = load_manifest(trt_folder)
     unet = TensorRTBackend().load(trt_folder, manifest, "unet")
     graph = onnx.load(str(trt_folder / manifest["components"]["unet"]["variants"]["fp16"]["file"]))
-    names = [e["weight"] for e in manifest["refit_map"]["unet"].values()]
+    names = [e["weight"] for e in manifest["refit_map"].values()]
     base = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in names}
     feeds = _feeds(trt_folder, "unet", 1)
     before = unet.run(feeds)["noise_pred"]
