@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check, for a fresh GPU machine with `pip install -e ".[gpu,build,test]"` done:
-#   GPU tests; tiny and full-size builds with fp16 graphs and TensorRT engines; image parity of the
+#   GPU tests; tiny and full-size builds with fp16 graphs and TensorRT engines; each engine against ONNX
+#   Runtime through Polygraphy (benchmarks/trt_compare.py, one table per size); image parity of the
 #   TensorRT and ONNX Runtime CUDA backends against the CPU fp32 image; adapter swap timing; the benchmark
 #   harness on the GPU backends. Prints one summary table at the end; exits non-zero if any step failed.
 # Usage: benchmarks/gpu_check.sh [WORKDIR]   (default: ./gpu-check; SIZES="tiny full" to choose sizes)
@@ -49,8 +50,9 @@ for SIZE in $SIZES; do
     run "$SIZE: random model" lcmrt random-model "$MODEL" --size "$SIZE" --overwrite
     run "$SIZE: build onnx" lcmrt build "$MODEL/model" --lcm-lora "$MODEL/lcm-lora.safetensors" \
         --lora "style=$MODEL/style-lora.safetensors:0.8" --height "$RES" --width "$RES" --guidance-mode cfg \
-        --out "$FOLDER" --overwrite --quiet
+        --refittable --out "$FOLDER" --overwrite --quiet
     run "$SIZE: fp16 + tensorrt engines" lcmrt build --engines-only "$FOLDER" --backend tensorrt --fp16
+    run "$SIZE: engines vs onnxruntime (polygraphy)" "$PY" -m benchmarks.trt_compare "$FOLDER"
     run "$SIZE: parity + adapter swap" "$PY" - "$FOLDER" <<'PY'
 import json, sys, time
 import numpy as np
@@ -71,10 +73,11 @@ for backend in ("tensorrt", "onnxruntime-cuda"):
     fid = image_fidelity(ref, image)
     row = {"backend": backend, "psnr_db": round(fid["psnr_db"], 2), "max_abs_diff": round(fid["max_abs_diff"], 4),
            "seconds": round(seconds, 4), "finite": bool(np.all(np.isfinite(image)))}
-    if hasattr(pipe, "set_adapters") and pipe.adapters:
-        names = list(pipe.adapters)
+    # only refittable adapters can be swapped (the LCM-LoRA is fused): the style LoRA, built --refittable
+    built = {a["name"]: a["weight"] for a in pipe.manifest["adapters"] if not a["fused"]}
+    if built:
         swaps = []
-        for weights in ({n: 0.0 for n in names}, {n: 1.0 for n in names}, dict(pipe.adapters)):
+        for weights in ({n: 0.0 for n in built}, {n: 1.0 for n in built}, built):
             start = time.perf_counter()
             pipe.set_adapters(weights)
             swaps.append(time.perf_counter() - start)
