@@ -363,6 +363,9 @@ def _some(names: list[str]) -> str:
 
 
 # --- the initializer table of an .onnx file, read straight from the protobuf wire format -----------------
+# Why by hand: the runtime does not depend on the `onnx` package (DESIGN.md: the runtime's imports), and
+# `onnx.load(..., load_external_data=False)` would still parse every inline weight into memory (hundreds of
+# MB for a text encoder) to read a few names and shapes; ONNX Runtime exposes no initializer list.
 # ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, name = 8,
 # data_location = 14 (1 = EXTERNAL). Large inline tensors are skipped over, never copied (mmap).
 
