@@ -23,7 +23,7 @@ def trt_folder(tiny_folder, tmp_path_factory):
     shutil.copytree(tiny_folder, folder)
     record_variants(folder, convert_folder(folder))
     manifest = load_manifest(folder)
-    graph = onnx.load(str(folder / manifest["components"]["unet"]["variants"]["fp16"]["file"]))
+    graph = onnx.load(str(folder / manifest["components"]["unet"]["variants"]["fp16"]["file"])).graph
     weights = [t.name for t in graph.initializer if len(t.dims) == 4][:REFIT_WEIGHTS]  # conv kernels
     # the refit map's layout (lcmrt.export.adapters) and an unfused adapter targeting those modules: only
     # targeted weights are marked refittable (engines/tensorrt.py refit_targets)
@@ -42,10 +42,10 @@ def _sessions(folder, backend):
 
 
 def _feeds(folder, component, batch=None):
-    from lcmrt.engines.fp16 import example_inputs
+    from lcmrt.engines.fp16 import _vocab_size, example_inputs
 
-    entry = load_manifest(folder)["components"][component]
-    feeds = example_inputs(entry)
+    manifest = load_manifest(folder)
+    feeds = example_inputs(manifest["components"][component], vocab_size=_vocab_size(folder, manifest))
     if batch is not None:
         feeds = {k: v[:batch] if v.ndim > 1 else v for k, v in feeds.items()}
     return feeds
@@ -120,7 +120,7 @@ def test_refit_from_pristine_weights(trt_folder):
 
     manifest = load_manifest(trt_folder)
     unet = TensorRTBackend().load(trt_folder, manifest, "unet")
-    graph = onnx.load(str(trt_folder / manifest["components"]["unet"]["variants"]["fp16"]["file"]))
+    graph = onnx.load(str(trt_folder / manifest["components"]["unet"]["variants"]["fp16"]["file"])).graph
     names = [e["weight"] for e in manifest["refit_map"].values()]
     base = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in names}
     feeds = _feeds(trt_folder, "unet", 1)
