@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from ..manifest import file_sha256
+from ..manifest import FP16_SUFFIX, TOKENIZER_DIR, file_sha256
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 
-FP16_SUFFIX = ".fp16.onnx"
 # Ops whose statistics or accumulators need fp32 (see the module docstring).
 FP32_OPS = frozenset({"InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
                       "ReduceMean", "ReduceSumSquare"})
@@ -355,7 +354,7 @@ def _vocab_size(folder: Path, manifest: dict) -> int:
     import json
 
     tok = manifest.get("tokenizer", {})
-    path = folder / tok.get("path", "tokenizer") / "tokenizer.json"
+    path = folder / tok.get("path", TOKENIZER_DIR) / "tokenizer.json"
     try:
         return len(json.loads(path.read_text())["model"]["vocab"])
     except (OSError, KeyError, ValueError):

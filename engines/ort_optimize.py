@@ -13,8 +13,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..backends.onnxruntime import PRE_OPTIMIZED, cpu_graph_key
-from ..manifest import file_sha256
+from ..backends.onnxruntime import cpu_graph_key
+from ..manifest import PRE_OPTIMIZED, file_sha256, variant_file
 
 
 def refit_components(manifest: dict) -> set[str]:
@@ -25,7 +25,7 @@ def refit_components(manifest: dict) -> set[str]:
 def optimize_component(folder: Path, manifest: dict, component: str) -> dict:
     """Write `<component>.ort-cpu.onnx` (+ `.data`) and return its variant entry."""
     entry = manifest["components"][component]
-    graph = f"{component}.{PRE_OPTIMIZED}.onnx"
+    graph = variant_file(component, PRE_OPTIMIZED)
     data = f"{graph}.data"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

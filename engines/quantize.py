@@ -23,11 +23,10 @@ from pathlib import Path
 
 from ..backends.onnxruntime import cpu_graph_key
 from ..errors import ExportError
-from ..manifest import file_sha256
+from ..manifest import INT8_SUFFIX, file_sha256
 from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs
 
-INT8_SUFFIX = ".int8.onnx"
 # MatMul/Gemm only. Full SD1.5 UNet step, AVX-512 VNNI CPU, ONNX Runtime 1.31, 2 threads: fp32 5.9 s, these
 # int8 4.9 s; with Conv too (ConvInteger) 14.5 s and 4x the error (README.md, "Trading fidelity for speed").
 INT8_OP_TYPES = ("MatMul", "Gemm")

@@ -24,8 +24,8 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
-from ..backends.onnxruntime import REFIT_INPUTS
 from ..errors import AdapterError
+from ..manifest import ADAPTER_DIR, REFIT_INPUTS, variant_file
 from .lora import LoraSpec, locate_lora
 
 PACK_FORMAT = "lcmrt-adapter/1"
@@ -53,7 +53,7 @@ def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, allow_pickle: bool = False
         tensors[f"{key}.down"] = fm.down.float().contiguous().numpy()
         tensors[f"{key}.up"] = fm.up.float().contiguous().numpy()
         tensors[f"{key}.scale"] = np.array([fm.scale], dtype=np.float32)
-    pack = out_dir / "adapters" / f"{spec.name}.safetensors"
+    pack = out_dir / ADAPTER_DIR / f"{spec.name}.safetensors"
     pack.parent.mkdir(exist_ok=True)
     save_file(tensors, str(pack), metadata={"format": PACK_FORMAT, "name": spec.name,
                                             "source_sha256": record["sha256"]})
@@ -180,7 +180,7 @@ def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dic
                 f"{len(unmapped)} module(s) of {spec.path} have no refittable weight in {folder}, e.g. "
                 f"{', '.join(unmapped[:5])}. This LoRA cannot be swapped into this folder; fuse it with "
                 "`lcmrt build --lora` instead.")
-        (folder / "adapters").mkdir(exist_ok=True)
+        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
         os.replace(scratch / record["pack"], folder / record["pack"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -203,7 +203,7 @@ def write_refit_input_graphs(folder: Path, manifest: dict) -> None:
         entry = manifest["components"][comp]
         names = sorted({e["weight"] for m, e in manifest["refit_map"].items() if m in targets and e["component"] == comp})
         entry.get("variants", {}).pop(REFIT_INPUTS, None)
-        graph = folder / f"{comp}.{REFIT_INPUTS}.onnx"
+        graph = folder / variant_file(comp, REFIT_INPUTS)
         graph.unlink(missing_ok=True)
         if not names:
             continue

@@ -17,8 +17,6 @@ from safetensors.numpy import load_file
 
 from .errors import AdapterError
 
-ADAPTER_DIR = "adapters"
-
 
 class AdapterBank:
     """The adapter packs and refit map of one engine folder."""

@@ -14,12 +14,33 @@ from pathlib import Path
 from .errors import EngineFolderError
 
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+ADAPTER_DIR = "adapters"  # adapters/NAME.safetensors: one refittable adapter's low-rank factors
+# Graph variants of a component (components[c]["variants"][NAME]), each a file `<component>.<NAME>.onnx`.
+FP32, FP16, INT8 = "fp32", "fp16", "int8"
+GRAPH_PRECISIONS = (FP32, FP16, INT8)  # a component without a variant runs its fp32 graph
+PRE_OPTIMIZED = "ort-cpu"  # written by lcmrt.engines.ort_optimize: ONNX Runtime's CPU optimizations applied
+REFIT_INPUTS = "refit-inputs"  # written by lcmrt.export.adapters: refit weights declared as graph inputs
+FP16_SUFFIX = f".{FP16}.onnx"
+INT8_SUFFIX = f".{INT8}.onnx"
+# TensorRT engines: trt/sm<major><minor>-<trt version>/<component>.plan, with the key's timing cache and
+# refit bases beside them (lcmrt.backends.engine_keys); ONNX Runtime's TensorRT provider caches its own.
+TRT_DIR = "trt"
+PLAN_SUFFIX = ".plan"
+REFIT_BASE_SUFFIX = ".refit-base.safetensors"
+TIMING_CACHE_NAME = "timing.cache"
+TRT_CACHE_DIR = "ort-trt-cache"  # TensorRT engines belong to one GPU and version
 # Files already hashed on this machine, keyed by path with (device, inode, size, mtime): a later load only
 # stats them. Hashing a full-size folder's 4 GB takes seconds; a modified file gets a new mtime.
 VERIFIED_CACHE = Path(os.environ.get("LCMRT_CACHE_DIR", Path.home() / ".cache" / "lcmrt")) / "verified.json"
 # Bump when a reader of the previous format would misread a new folder.
 FORMAT_VERSION = 1
 _HASH_CHUNK = 16 << 20
+
+
+def variant_file(component: str, variant: str) -> str:
+    """The graph file of a component's variant, e.g. `unet.fp16.onnx`."""
+    return f"{component}.{variant}.onnx"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EngineFolderError
-from ..manifest import file_sha256
+from ..manifest import PLAN_SUFFIX, REFIT_BASE_SUFFIX, TIMING_CACHE_NAME, TRT_DIR, file_sha256
 
-TRT_DIR = "trt"
-PLAN_SUFFIX = ".plan"
-REFIT_BASE_SUFFIX = ".refit-base.safetensors"
-TIMING_CACHE_NAME = "timing.cache"
 REBUILD_COMMAND = "lcmrt build --engines-only {folder} --backend tensorrt"
 
 

@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError
-from ..manifest import component_entry, verify_component
+from ..manifest import (GRAPH_PRECISIONS, PRE_OPTIMIZED, REFIT_INPUTS, TRT_CACHE_DIR, component_entry,
+                        verify_component)
 from .base import Backend, Session, TensorSpec
 
 PROVIDERS = {
@@ -27,7 +28,6 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _NAMES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-trt"}
-TRT_CACHE_DIR = "ort-trt-cache"  # inside the engine folder: TensorRT engines belong to one GPU and version
 
 # onnxruntime's type strings for the element types lcmrt graphs use.
 _ORT_DTYPES = {
@@ -41,9 +41,7 @@ _ONNX_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
-PRECISIONS = ("fp32", "fp16", "int8")  # a component without the variant runs its fp32 graph
-PRE_OPTIMIZED = "ort-cpu"  # manifest variant written by lcmrt.engines.ort_optimize
-REFIT_INPUTS = "refit-inputs"  # manifest variant written by lcmrt.export.adapters: refit weights as graph inputs
+PRECISIONS = GRAPH_PRECISIONS
 REFIT_MODES = ("auto", "inputs", "session")
 _LISTED = 5  # names shown in an error before "..."
 
