@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lcmrt.errors import EngineFolderError
-from lcmrt.manifest import load_manifest, write_manifest
+from lcmrt.manifest import load_manifest, read_manifest, write_manifest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 REFIT_WEIGHTS = 4  # UNet weights the test marks refittable
@@ -44,8 +44,7 @@ def _sessions(folder, backend):
 def _feeds(folder, component, batch=None):
     from lcmrt.engines.fp16 import example_inputs
 
-    entry = load_manifest(folder)["components"][component]
-    feeds = example_inputs(entry)
+    feeds = example_inputs(read_manifest(folder).component(component))
     if batch is not None:
         feeds = {k: v[:batch] if v.ndim > 1 else v for k, v in feeds.items()}
     return feeds
