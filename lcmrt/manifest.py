@@ -1,8 +1,12 @@
-"""The engine folder's `manifest.json`: reading, writing and checking it (see DESIGN.md, "The engine folder").
+"""The engine folder's contract (see DESIGN.md, "The engine folder"): the names of its files and graph
+variants, and its `manifest.json`, read, checked and written here only.
 
-The manifest is a plain JSON document; this module owns its format version and the checks every loader
-runs: the folder is an engine folder, its format is one this runtime reads, and each graph file is the
-one the build wrote (sha256).
+The manifest is a plain JSON document; `Manifest` wraps it (unchanged, as `.data`) with typed, read-only
+views of its parts (components and their graph variants, shapes, adapters, refit map, engines), each
+checked where it is read: a part of the wrong shape is an EngineFolderError that names the key and the
+command that fixes it, never a KeyError deep in a backend. `read_manifest` also checks that the folder is
+an engine folder of a format this runtime reads; `verify_component` that each graph file is the one the
+build wrote (sha256). Producers edit a Manifest through its few setters and write it with `write_manifest`.
 """
 from __future__ import annotations
 
@@ -403,12 +407,9 @@ class Manifest:
     def validate(self) -> "Manifest":
         """Read every part once, so that a folder of the wrong shape fails on load, not mid-generation."""
         _field(self.data, "format_version", int, "the document")
-        for key in ("family", "guidance_mode"):
-            _field(self.data, key, str, "the document")
-        self.shapes, self.scheduler_config, self.tokenizer, self.vae_scaling_factor  # noqa: B018
-        self.adapters, self.refit_map, self.engines, self.refittable, self.model_configs  # noqa: B018
-        for component in self.components.values():
-            component.dim_values  # noqa: B018
+        _ = (self.family, self.guidance_mode, self.shapes, self.scheduler_config, self.tokenizer,
+             self.vae_scaling_factor, self.adapters, self.refit_map, self.engines, self.refittable, self.model_configs,
+             [component.dim_values for component in self.components.values()])
         return self
 
     @property
