@@ -27,27 +27,27 @@ def compare_engines(folder: Path, atol: float, rtol: float) -> list[dict]:
     from lcmrt.backends.engine_keys import select_engine
     from lcmrt.engines.fp16 import _vocab_size, example_inputs
     from lcmrt.engines.tensorrt import current_key
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import read_manifest
 
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     key = current_key()
     rows = []
-    for component, entry in manifest["components"].items():
-        if not any(e.get("component") == component for e in manifest.get("engines", [])):
+    for component, entry in manifest.components.items():
+        if not any(e.component == component for e in manifest.engines):
             continue
         engine = select_engine(folder, manifest, component, key)
         feeds = example_inputs(entry, vocab_size=_vocab_size(folder, manifest))
-        runners = [TrtRunner(EngineFromBytes((folder / engine["file"]).read_bytes()), name="tensorrt"),
-                   OnnxrtRunner(SessionFromOnnx(str(folder / entry["file"])), name="onnxruntime-cpu")]
+        runners = [TrtRunner(EngineFromBytes((folder / engine.file).read_bytes()), name="tensorrt"),
+                   OnnxrtRunner(SessionFromOnnx(str(folder / entry.file)), name="onnxruntime-cpu")]
         results = Comparator.run(runners, data_loader=[feeds])
         passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
         (_, [trt_out]), (_, [ort_out]) = results.items()
-        build_fidelity = entry.get("variants", {}).get(engine.get("precision", "fp32"), {}).get("fidelity", {})
+        build_fidelity = entry.graph(engine.precision).data.get("fidelity", {})
         for name in ort_out.keys():
             reference = np.asarray(ort_out[name], np.float64)
             diff = float(np.abs(np.asarray(trt_out[name], np.float64) - reference).max())
             peak = float(np.abs(reference).max())
-            rows.append({"component": component, "output": name, "precision": engine.get("precision", "fp32"),
+            rows.append({"component": component, "output": name, "precision": engine.precision,
                          "max_abs_diff": diff, "relative": diff / peak if peak else float("inf"),
                          "cpu_fp16_relative": build_fidelity.get("outputs", {}).get(name, {}).get("relative"),
                          "passed": passed})

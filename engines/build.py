@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendError, InputError
-from ..manifest import load_manifest, write_manifest
+from ..manifest import read_manifest, write_manifest
 from ..progress import Stages
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -51,8 +51,8 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
     manifest. `log` (a print-like callable) receives the TensorRT builder's messages."""
     folder = Path(folder)
     stages = stages or Stages()
-    manifest = load_manifest(folder)
-    check_engine_request(req, bool(manifest.get("refit_map")))
+    manifest = read_manifest(folder)
+    check_engine_request(req, bool(manifest.refit_map))
     if req.ort_cpu_graphs:
         from .ort_optimize import optimize_folder
 
@@ -64,7 +64,8 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
 
         with stages.stage("FP16 graphs"):
             components = DEFAULT_FP16_COMPONENTS + (("vae_decoder",) if req.fp16_vae else ())
-            manifest = record_variants(folder, convert_folder(folder, components))
+            record_variants(folder, convert_folder(folder, components))
+            manifest = read_manifest(folder)
     if req.int8:
         from .quantize import quantize_folder
 
@@ -77,8 +78,8 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
         with stages.stage("TensorRT engines"):
             build_engines(folder, precision="fp16" if req.fp16 is not False else "fp32", workspace=req.workspace,
                           log=log or (lambda *_: None))
-        manifest = load_manifest(folder)
-    return manifest
+        manifest = read_manifest(folder)
+    return manifest.data
 
 
 __all__ = ["ENGINE_BACKENDS", "EngineRequest", "add_engines", "check_engine_request"]

@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from ..manifest import file_sha256
+from ..manifest import FP16, FP16_SUFFIX, Component, Manifest, file_sha256, read_manifest, write_manifest
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 
-FP16_SUFFIX = ".fp16.onnx"
 # Ops whose statistics or accumulators need fp32 (see the module docstring).
 FP32_OPS = frozenset({"InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
                       "ReduceMean", "ReduceSumSquare"})
@@ -216,12 +215,13 @@ def _topological_sort(graph) -> None:
     graph.node.extend(copies)
 
 
-def convert_component(folder: str | Path, manifest: dict, component: str) -> dict:
+def convert_component(folder: str | Path, manifest: Manifest | dict, component: str) -> dict:
     """Write `<component>.fp16.onnx` next to the fp32 graph; return its file entry (file, sha256, fp32 nodes)."""
     import onnx
 
     folder = Path(folder)
-    source = folder / manifest["components"][component]["file"]
+    fp32 = Manifest.of(manifest).component(component).graph_fp32
+    source = folder / fp32.file
     model = onnx.load(str(source), load_external_data=True)
     fp16 = convert_model(model, component)
     graph_name = f"{component}{FP16_SUFFIX}"
@@ -229,22 +229,22 @@ def convert_component(folder: str | Path, manifest: dict, component: str) -> dic
     return {
         "file": graph_name,
         "sha256": {name: file_sha256(folder / name) for name in files},
-        "precision": "fp16",
+        "precision": FP16,
         "io_dtype": "float32",
         "fp32_ops": sorted(FP32_OPS),
         "fp32_nodes": len(fp32_nodes(fp16, component)),
-        "source_sha256": manifest["components"][component]["sha256"][manifest["components"][component]["file"]],
+        "source_sha256": fp32.sha256[fp32.file],
     }
 
 
-def example_inputs(entry: dict, seed: int = FIDELITY_SEED, vocab_size: int = 49408) -> dict[str, np.ndarray]:
-    """Seeded inputs for a component from its manifest entry (largest value of each varying dimension)."""
+def example_inputs(component: Component, seed: int = FIDELITY_SEED, vocab_size: int = 49408) -> dict[str, np.ndarray]:
+    """Seeded inputs for a component (largest value of each varying dimension)."""
     rng = np.random.default_rng(seed)
-    largest = {d: max(v) for d, v in entry.get("dim_values", {}).items()}
+    largest = {d: max(v) for d, v in component.dim_values.items()}
     arrays = {}
-    for spec in entry["inputs"]:
-        name, dtype = spec["name"], np.dtype(spec["dtype"])
-        shape = tuple(largest.get(d, d) if isinstance(d, str) else d for d in spec["shape"])
+    for spec in component.inputs:
+        name, dtype = spec.name, np.dtype(spec.dtype)
+        shape = tuple(largest.get(d, d) if isinstance(d, str) else d for d in spec.shape)
         if dtype.kind in "iu":
             arrays[name] = rng.integers(0, vocab_size, size=shape).astype(dtype)
         elif name == "timestep":
@@ -315,22 +315,20 @@ def convert_folder(folder: str | Path, components: tuple[str, ...] = DEFAULT_FP1
                    seed: int = FIDELITY_SEED) -> dict[str, dict]:
     """Write fp16 graphs for `components` of an engine folder and measure each against its fp32 graph.
 
-    Returns component -> manifest entry for the fp16 graph, with its "fidelity"; the caller stores it as
-    `manifest["components"][component]["variants"]["fp16"]` and writes the manifest.
+    Returns component -> manifest entry for the fp16 graph, with its "fidelity"; the caller records them
+    as the components' fp16 variants (`record_variants`).
     """
-    from ..manifest import load_manifest
-
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    vocab = _vocab_size(folder, manifest)
+    manifest = read_manifest(folder)
+    vocab, graphs = _vocab_size(folder, manifest), manifest.components
     entries = {}
     for component in components:
-        if component not in manifest["components"]:
+        if component not in graphs:
             raise ExportError(f"{folder} has no {component!r} component to convert to fp16 "
-                              f"(it has {', '.join(manifest['components'])}).")
+                              f"(it has {', '.join(graphs)}).")
         entry = convert_component(folder, manifest, component)
-        feeds = example_inputs(manifest["components"][component], seed, vocab)
-        fidelity = measure_fidelity(folder / manifest["components"][component]["file"], folder / entry["file"],
+        feeds = example_inputs(graphs[component], seed, vocab)
+        fidelity = measure_fidelity(folder / graphs[component].file, folder / entry["file"],
                                     feeds, _IMAGE_OUTPUTS.get(component, ()))
         fidelity["seed"] = seed
         entry["fidelity"] = fidelity
@@ -340,22 +338,19 @@ def convert_folder(folder: str | Path, components: tuple[str, ...] = DEFAULT_FP1
 
 def record_variants(folder: str | Path, entries: dict[str, dict]) -> dict:
     """Store fp16 graph entries in the folder's manifest (`components[c]["variants"]["fp16"]`); return it."""
-    from ..manifest import load_manifest, write_manifest
-
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     for component, entry in entries.items():
-        manifest["components"][component].setdefault("variants", {})[entry["precision"]] = entry
+        manifest.set_variant(component, entry["precision"], entry)
     write_manifest(folder, manifest)
-    return manifest
+    return manifest.data
 
 
-def _vocab_size(folder: Path, manifest: dict) -> int:
+def _vocab_size(folder: Path, manifest: Manifest | dict) -> int:
     """Token ids for fidelity inputs must index the embedding: read the tokenizer's vocabulary size."""
     import json
 
-    tok = manifest.get("tokenizer", {})
-    path = folder / tok.get("path", "tokenizer") / "tokenizer.json"
+    path = folder / Manifest.of(manifest).tokenizer.path / "tokenizer.json"
     try:
         return len(json.loads(path.read_text())["model"]["vocab"])
     except (OSError, KeyError, ValueError):

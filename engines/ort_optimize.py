@@ -13,19 +13,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..backends.onnxruntime import PRE_OPTIMIZED, cpu_graph_key
-from ..manifest import file_sha256
+from ..backends.onnxruntime import cpu_graph_key
+from ..manifest import PRE_OPTIMIZED, Manifest, file_sha256, variant_file
 
 
-def refit_components(manifest: dict) -> set[str]:
-    """Components whose weights may be refit at run time (any adapter added later may target them)."""
-    return {entry["component"] for entry in manifest.get("refit_map", {}).values()}
-
-
-def optimize_component(folder: Path, manifest: dict, component: str) -> dict:
+def optimize_component(folder: Path, manifest: Manifest | dict, component: str) -> dict:
     """Write `<component>.ort-cpu.onnx` (+ `.data`) and return its variant entry."""
-    entry = manifest["components"][component]
-    graph = f"{component}.{PRE_OPTIMIZED}.onnx"
+    entry = Manifest.of(manifest).component(component).graph_fp32
+    graph = variant_file(component, PRE_OPTIMIZED)
     data = f"{graph}.data"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -33,18 +28,20 @@ def optimize_component(folder: Path, manifest: dict, component: str) -> dict:
     options.log_severity_level = 3  # its "hardware specific" warning is what the key below handles
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(folder / entry["file"]), sess_options=options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(folder / entry.file), sess_options=options, providers=["CPUExecutionProvider"])
     files = [name for name in (graph, data) if (folder / name).is_file()]
     return {"file": graph, "sha256": {name: file_sha256(folder / name) for name in files},
-            "precision": entry["precision"], "key": cpu_graph_key()}
+            "precision": entry.precision, "key": cpu_graph_key()}
 
 
-def optimize_folder(folder: Path, manifest: dict) -> dict[str, dict]:
-    """Pre-optimize every component that is not refit at run time; record them as manifest variants."""
-    skip = refit_components(manifest)
+def optimize_folder(folder: Path, manifest: Manifest | dict) -> dict[str, dict]:
+    """Pre-optimize every component that is not refit at run time (any adapter added later may target
+    them); record them as manifest variants."""
+    manifest = Manifest.of(manifest)
+    skip = manifest.refit_components
     variants = {}
-    for component in manifest["components"]:
+    for component in manifest.components:
         if component not in skip:
             variants[component] = optimize_component(folder, manifest, component)
-            manifest["components"][component].setdefault("variants", {})[PRE_OPTIMIZED] = variants[component]
+            manifest.set_variant(component, PRE_OPTIMIZED, variants[component])
     return variants

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from ..backends.onnxruntime import cpu_graph_key
 from ..errors import ExportError
-from ..manifest import file_sha256
+from ..manifest import INT8, INT8_SUFFIX, Manifest, file_sha256
 from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs
 
-INT8_SUFFIX = ".int8.onnx"
 # MatMul/Gemm only. Full SD1.5 UNet step, AVX-512 VNNI CPU, ONNX Runtime 1.31, 2 threads: fp32 5.9 s, these
 # int8 4.9 s; with Conv too (ConvInteger) 14.5 s and 4x the error (README.md, "Trading fidelity for speed").
 INT8_OP_TYPES = ("MatMul", "Gemm")
@@ -42,22 +41,17 @@ DEFAULT_INT8_COMPONENTS = ("unet",)
 _IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 
 
-def refit_components(manifest: dict) -> set[str]:
-    """Components whose weights may be refit at run time (their refit map names fp32 weights)."""
-    return {entry["component"] for entry in manifest.get("refit_map", {}).values()}
-
-
-def quantize_component(folder: Path, manifest: dict, component: str,
+def quantize_component(folder: Path, manifest: Manifest | dict, component: str,
                        op_types: tuple[str, ...] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL,
                        reduce_range: bool = INT8_REDUCE_RANGE) -> dict:
     """Write `<component>.int8.onnx` (+ `.data` for graphs over 2 GB) and return its variant entry."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    entry = manifest["components"][component]
-    source = folder / entry["file"]
+    entry = Manifest.of(manifest).component(component).graph_fp32
+    source = folder / entry.file
     graph = f"{component}{INT8_SUFFIX}"
-    large = sum((folder / name).stat().st_size for name in entry["sha256"]) > EXTERNAL_DATA_THRESHOLD
+    large = sum((folder / name).stat().st_size for name in entry.sha256) > EXTERNAL_DATA_THRESHOLD
     for stale in (graph, f"{graph}.data"):  # a rerun must not leave an old data file hashed with the new graph
         (folder / stale).unlink(missing_ok=True)
     # it logs "consider pre-processing" on the root logger at every call: advice for static quantization
@@ -80,28 +74,28 @@ def quantize_component(folder: Path, manifest: dict, component: str,
     return {
         "file": graph,
         "sha256": {name: file_sha256(folder / name) for name in files},
-        "precision": "int8",
+        "precision": INT8,
         "io_dtype": "float32",
         "quantization": {"method": "onnxruntime-dynamic", "op_types": list(op_types),
                          "weights": "int8 (7-bit range)" if reduce_range else "int8",
                          "reduce_range": reduce_range,
                          "activations": "uint8 (per tensor, at run time)", "per_channel": per_channel,
                          "quantized_nodes": quantized},
-        "source_sha256": entry["sha256"][entry["file"]],
+        "source_sha256": entry.sha256[entry.file],
     }
 
 
-def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, ...] = DEFAULT_INT8_COMPONENTS,
+def quantize_folder(folder: str | Path, manifest: Manifest | dict, components: tuple[str, ...] = DEFAULT_INT8_COMPONENTS,
                     seed: int = FIDELITY_SEED, op_types: tuple[str, ...] = INT8_OP_TYPES,
                     per_channel: bool = INT8_PER_CHANNEL, reduce_range: bool = INT8_REDUCE_RANGE) -> dict[str, dict]:
     """Write int8 graphs for `components`, measure each against its fp32 graph, and record them in `manifest`
     as `components[c]["variants"]["int8"]`; return component -> variant entry. The caller writes the manifest."""
-    folder = Path(folder)
-    refit = refit_components(manifest)
+    folder, manifest = Path(folder), Manifest.of(manifest)
+    refit, graphs = manifest.refit_components, manifest.components
     for component in components:
-        if component not in manifest["components"]:
+        if component not in graphs:
             raise ExportError(f"{folder} has no {component!r} component to quantize "
-                              f"(it has {', '.join(manifest['components'])}).")
+                              f"(it has {', '.join(graphs)}).")
         if component in refit:
             raise ExportError(
                 f"{folder}: {component} is refit at run time (built with --refittable), and int8 quantization "
@@ -110,16 +104,17 @@ def quantize_folder(folder: str | Path, manifest: dict, components: tuple[str, .
     for component in components:
         entry = quantize_component(folder, manifest, component, op_types, per_channel, reduce_range)
         entry["fidelity"] = int8_fidelity(folder, manifest, component, entry, seed)
-        manifest["components"][component].setdefault("variants", {})["int8"] = entry
+        manifest.set_variant(component, INT8, entry)
         entries[component] = entry
     return entries
 
 
-def int8_fidelity(folder: Path, manifest: dict, component: str, variant: dict, seed: int = FIDELITY_SEED) -> dict:
+def int8_fidelity(folder: Path, manifest: Manifest | dict, component: str, variant: dict,
+                  seed: int = FIDELITY_SEED) -> dict:
     """An int8 variant's outputs against its fp32 graph on seeded inputs, run on this CPU (which it records:
     the error depends on the instruction set, see INT8_REDUCE_RANGE)."""
-    fp32 = manifest["components"][component]
-    fidelity = compare_graphs(folder / fp32["file"], folder / variant["file"],
+    fp32 = Manifest.of(manifest).component(component)
+    fidelity = compare_graphs(folder / fp32.file, folder / variant["file"],
                               example_inputs(fp32, seed, _vocab_size(folder, manifest)),
                               _IMAGE_OUTPUTS.get(component, ()))
     return {**fidelity, "seed": seed, "measured_on": cpu_graph_key()}

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..backends.engine_keys import (EngineKey, engine_entry, rebuild_command, replace_engine_entries,
                                     source_graph)
 from ..errors import BackendError, EngineFolderError, InputError
-from ..manifest import file_sha256, load_manifest, write_manifest
+from ..manifest import FP16, FP32, Component, Manifest, file_sha256, read_manifest, write_manifest
 
 MIN_TRT = (10, 0)  # execute_async_v3 / named tensors / build_serialized_network only (GPU-NOTES.md, section 0)
 REFIT_INDIVIDUAL_SINCE = (10, 2)
@@ -112,24 +112,16 @@ def build_options(trt_version: str, graph_precision: str, refittable: bool, fp16
     return BuildOptions(strongly_typed, tuple(flags), mark, precision, tuple(notes))
 
 
-def refit_targets(manifest: dict, component: str) -> list[str]:
+def refit_targets(manifest: Manifest | dict, component: str) -> list[str]:
     """Graph weights of `component` that the folder's swappable adapters touch, in a stable order.
 
     The refit map covers every Linear/Conv2d weight (so `lcmrt adapter add` can take any LoRA on ONNX
     Runtime), but only the weights adapters target are marked refittable, so that TensorRT keeps full speed
     on the rest; an adapter added later that touches other weights needs `lcmrt build --engines-only`.
-    Refit map layout (lcmrt.export.adapters): {module: {"component": ..., "weight": initializer name, ...}}.
     """
-    targeted = {m for a in manifest.get("adapters", []) if not a.get("fused", True) for m in a.get("targets", [])}
-    names = []
-    for module, entry in (manifest.get("refit_map") or {}).items():
-        if entry.get("component") != component or module not in targeted:
-            continue
-        if not entry.get("weight"):
-            raise EngineFolderError(f"Refit map entry {module} names no graph weight. "
-                                    "Rebuild the folder with `lcmrt build`.")
-        names.append(entry["weight"])
-    return sorted(set(names))
+    manifest = Manifest.of(manifest)
+    targeted = {m for a in manifest.adapters if not a.fused for m in a.targets}
+    return sorted({e.weight for m, e in manifest.refit_map.items() if e.component == component and m in targeted})
 
 
 def check_refit_targets(names: list[str], initializers: dict[str, object]) -> dict[str, list[str]]:
@@ -257,7 +249,8 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
     manifest entries.
     """
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
+    graphs = manifest.components
     key = key or current_key(device_id)
     trt_version = key.trt_version
     (folder / key.dirname).mkdir(parents=True, exist_ok=True)
@@ -265,17 +258,16 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
     workspace = parse_size(workspace)
     entries = []
     for component in components:
-        if component not in manifest["components"]:
+        if component not in graphs:
             raise EngineFolderError(f"{folder} has no {component!r} graph to build an engine from.")
         graph_precision = precision
-        if precision == "fp16" and "fp16" not in manifest["components"][component].get("variants", {}):
-            graph_precision = "fp32"  # no fp16 graph (the VAE decoder by default): an fp32 engine
+        if precision == FP16 and FP16 not in graphs[component].variants:
+            graph_precision = FP32  # no fp16 graph (the VAE decoder by default): an fp32 engine
         graph_file, graph_sha = source_graph(manifest, component, graph_precision)
         targets = refit_targets(manifest, component)
         options = build_options(trt_version, graph_precision, refittable=bool(targets),
                                 fp16_flag=fp16_flag_for_fp32_graphs)
-        entry_src = manifest["components"][component]
-        ranges = _dim_ranges(entry_src)
+        ranges = _dim_ranges(graphs[component])
         plan_path = folder / key.plan_path(component)
         log(f"building {component} from {graph_file} ({options.precision}, flags: "
             f"{', '.join(options.builder_flags) or 'none'})")
@@ -296,23 +288,22 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
                     f"refittable: {', '.join(report.not_marked[:5])}{', ...' if len(report.not_marked) > 5 else ''}")
         entries.append(engine_entry(key, component, graph_file, graph_sha, file_sha256(plan_path),
                                     options.precision, **extra))
-    manifest["engines"] = replace_engine_entries(manifest.get("engines", []), entries)
+    manifest.set_engines(replace_engine_entries([e.data for e in manifest.engines], entries))
     write_manifest(folder, manifest)
     return entries
 
 
-def _dim_ranges(entry: dict) -> dict[str, tuple] | None:
+def _dim_ranges(component: Component) -> dict[str, tuple] | None:
     """Optimization-profile shapes for inputs with a named dimension: min, opt = max, max of its values."""
-    values = entry.get("dim_values") or {}
+    values = component.dim_values
     if not values:
         return None
     ranges = {}
-    for spec in entry["inputs"]:
-        shape = spec["shape"]
-        if any(isinstance(d, str) for d in shape):
-            lo = tuple(min(values[d]) if isinstance(d, str) else d for d in shape)
-            hi = tuple(max(values[d]) if isinstance(d, str) else d for d in shape)
-            ranges[spec["name"]] = (lo, hi, hi)
+    for spec in component.inputs:
+        if any(isinstance(d, str) for d in spec.shape):
+            lo = tuple(min(values[d]) if isinstance(d, str) else d for d in spec.shape)
+            hi = tuple(max(values[d]) if isinstance(d, str) else d for d in spec.shape)
+            ranges[spec.name] = (lo, hi, hi)
     return ranges
 
 

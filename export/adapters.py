@@ -24,8 +24,8 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
-from ..backends.onnxruntime import REFIT_INPUTS
 from ..errors import AdapterError
+from ..manifest import ADAPTER_DIR, REFIT_INPUTS, Manifest, file_sha256, read_manifest, variant_file, write_manifest
 from .lora import LoraSpec, locate_lora
 
 PACK_FORMAT = "lcmrt-adapter/1"
@@ -53,7 +53,7 @@ def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, allow_pickle: bool = False
         tensors[f"{key}.down"] = fm.down.float().contiguous().numpy()
         tensors[f"{key}.up"] = fm.up.float().contiguous().numpy()
         tensors[f"{key}.scale"] = np.array([fm.scale], dtype=np.float32)
-    pack = out_dir / "adapters" / f"{spec.name}.safetensors"
+    pack = out_dir / ADAPTER_DIR / f"{spec.name}.safetensors"
     pack.parent.mkdir(exist_ok=True)
     save_file(tensors, str(pack), metadata={"format": PACK_FORMAT, "name": spec.name,
                                             "source_sha256": record["sha256"]})
@@ -161,59 +161,56 @@ def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dic
     import os
     import shutil
 
-    from ..manifest import load_manifest, write_manifest
-
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    if not manifest.get("refittable"):
+    manifest = read_manifest(folder)
+    if not manifest.refittable or manifest.model_configs is None:
         raise AdapterError(f"{folder} was built without --refittable, so it has no refit map and cannot take "
                            "adapters. Rebuild it with `lcmrt build ... --refittable`.")
-    if any(a["name"] == spec.name for a in manifest["adapters"]):
+    if any(a.name == spec.name for a in manifest.adapters):
         raise AdapterError(f"{folder} already has an adapter named {spec.name!r}; choose another --name.")
     scratch = folder / f".adapter-{spec.name}-{os.getpid()}"
     scratch.mkdir()
     try:
-        record = pack_adapter(_skeleton_pipeline(manifest["model_configs"]), spec, scratch, allow_pickle)
-        unmapped = sorted(set(record["targets"]) - set(manifest["refit_map"]))
+        record = pack_adapter(_skeleton_pipeline(manifest.model_configs), spec, scratch, allow_pickle)
+        unmapped = sorted(set(record["targets"]) - set(manifest.refit_map))
         if unmapped:
             raise AdapterError(
                 f"{len(unmapped)} module(s) of {spec.path} have no refittable weight in {folder}, e.g. "
                 f"{', '.join(unmapped[:5])}. This LoRA cannot be swapped into this folder; fuse it with "
                 "`lcmrt build --lora` instead.")
-        (folder / "adapters").mkdir(exist_ok=True)
+        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
         os.replace(scratch / record["pack"], folder / record["pack"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     record = {**record, "weight": 0.0}  # an added adapter starts switched off
-    manifest["adapters"].append(record)
+    manifest.add_adapter(record)
     write_refit_input_graphs(folder, manifest)
     write_manifest(folder, manifest)
     return record
 
 
-def write_refit_input_graphs(folder: Path, manifest: dict) -> None:
+def write_refit_input_graphs(folder: Path, manifest: Manifest | dict) -> None:
     """For each refittable component, `<component>.refit-inputs.onnx`: the same graph (sharing its data
     file) with the weights the folder's swappable adapters target declared as graph inputs, so ONNX
     Runtime takes new values with every run instead of a new session. Recorded as the "refit-inputs"
     variant; rewritten whenever the set of targets changes (`adapter add`)."""
-    from ..manifest import file_sha256
-
-    targets = {m for a in manifest["adapters"] if not a["fused"] for m in a.get("targets", [])}
+    manifest = Manifest.of(manifest)
+    targets = {m for a in manifest.adapters if not a.fused for m in a.targets}
+    refit_map = manifest.refit_map
     for comp in REFITTABLE_COMPONENTS:
-        entry = manifest["components"][comp]
-        names = sorted({e["weight"] for m, e in manifest["refit_map"].items() if m in targets and e["component"] == comp})
-        entry.get("variants", {}).pop(REFIT_INPUTS, None)
-        graph = folder / f"{comp}.{REFIT_INPUTS}.onnx"
+        entry = manifest.component(comp).graph_fp32
+        names = sorted({e.weight for m, e in refit_map.items() if m in targets and e.component == comp})
+        manifest.drop_variant(comp, REFIT_INPUTS)
+        graph = folder / variant_file(comp, REFIT_INPUTS)
         graph.unlink(missing_ok=True)
         if not names:
             continue
-        model = onnx.load(str(folder / entry["file"]), load_external_data=False)
+        model = onnx.load(str(folder / entry.file), load_external_data=False)
         by_name = {init.name: init for init in model.graph.initializer}
         for name in names:
             init = by_name[name]
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, init.dims))
         graph.write_bytes(model.SerializeToString())
-        files = [graph.name] + [f for f in entry["sha256"] if f != entry["file"]]  # shares the data file
-        entry.setdefault("variants", {})[REFIT_INPUTS] = {
-            "file": graph.name, "sha256": {f: file_sha256(folder / f) for f in files},
-            "precision": entry["precision"], "weight_inputs": names}
+        files = [graph.name] + [f for f in entry.sha256 if f != entry.file]  # shares the data file
+        manifest.set_variant(comp, REFIT_INPUTS, {"file": graph.name, "sha256": {f: file_sha256(folder / f) for f in files},
+                                                  "precision": entry.precision, "weight_inputs": names})

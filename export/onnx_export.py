@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..engines.graphs import save_graph
 from ..errors import ExportError
-from ..manifest import file_sha256
+from ..manifest import TOKENIZER_DIR, file_sha256
 
 # opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
 OPSET = 18
@@ -215,12 +215,12 @@ def graph_hashes(out_dir: Path, graph_name: str) -> dict[str, str]:
 
 def copy_tokenizer(tokenizer, out_dir: Path) -> dict:
     """Save the tokenizer files the runtime's `tokenizers` loader reads; return the manifest entry."""
-    target = out_dir / "tokenizer"
+    target = out_dir / TOKENIZER_DIR
     tokenizer.save_pretrained(str(target))
     if not (target / "tokenizer.json").is_file():
         shutil.rmtree(target)
         raise ExportError("The model's tokenizer could not be saved as tokenizer.json (a fast tokenizer is "
                           "needed by the runtime). Use a model whose tokenizer folder has tokenizer.json.")
-    return {"path": "tokenizer", "max_length": int(tokenizer.model_max_length),
+    return {"path": TOKENIZER_DIR, "max_length": int(tokenizer.model_max_length),
             "pad_token_id": int(tokenizer.pad_token_id), "bos_token_id": int(tokenizer.bos_token_id),
             "eos_token_id": int(tokenizer.eos_token_id)}

@@ -15,25 +15,24 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from .errors import AdapterError
-
-ADAPTER_DIR = "adapters"
+from .errors import AdapterError, EngineFolderError
+from .manifest import REFIT_FIX, Manifest
 
 
 class AdapterBank:
     """The adapter packs and refit map of one engine folder."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: Manifest):
         self.folder = Path(folder)
-        self.refit_map: dict = manifest.get("refit_map", {})
-        self.fused = {a["name"]: a["weight"] for a in manifest["adapters"] if a["fused"]}
-        self.refittable = {a["name"]: a for a in manifest["adapters"] if not a["fused"]}
+        self.refit_map = manifest.refit_map
+        self.fused = {a.name: a.weight for a in manifest.adapters if a.fused}
+        self.refittable = {a.name: a for a in manifest.adapters if not a.fused}
         self._packs: dict[str, dict[str, tuple]] = {}
         self._base: dict[str, np.ndarray] = {}
 
     def defaults(self) -> dict[str, float]:
         """The refittable adapters' weights as built."""
-        return {name: a["weight"] for name, a in self.refittable.items()}
+        return {name: a.weight for name, a in self.refittable.items()}
 
     def check(self, adapters: dict[str, float]) -> dict[str, float]:
         """Validate a requested set; return the full refittable set (unlisted adapters at weight 0)."""
@@ -57,7 +56,9 @@ class AdapterBank:
     def pack(self, name: str) -> dict[str, tuple]:
         """{module: (down [r, ...], up [out, r, ...], scale)} of one adapter, loaded once."""
         if name not in self._packs:
-            path = self.folder / self.refittable[name]["pack"]
+            if self.refittable[name].pack is None:
+                raise AdapterError(f"Adapter {name!r} of {self.folder} has no pack. Re-add it with `lcmrt adapter add`.")
+            path = self.folder / self.refittable[name].pack
             if not path.is_file():
                 raise AdapterError(f"Adapter pack {path} is missing. Re-add it with `lcmrt adapter add`.")
             try:
@@ -68,15 +69,23 @@ class AdapterBank:
             except Exception as e:  # safetensors raises its own error type; a truncated pack lacks keys
                 raise AdapterError(f"Adapter pack {path} of {name!r} is damaged ({type(e).__name__}: {e}). "
                                    "Re-add it with `lcmrt adapter add`.") from e
+            unmapped = sorted(set(self._packs[name]) - set(self.refit_map))
+            if unmapped:
+                del self._packs[name]
+                raise EngineFolderError(f"Adapter {name!r} changes {len(unmapped)} module(s) the refit map of "
+                                        f"{self.folder} lacks, e.g. {', '.join(unmapped[:3])}. {REFIT_FIX}")
         return self._packs[name]
 
     def base(self, module: str) -> np.ndarray:
         """The pristine graph weight of a module, in graph layout (read-only memory map)."""
         if module not in self._base:
             entry = self.refit_map[module]
-            shape = entry["shape"][::-1] if entry["transpose"] else entry["shape"]
-            self._base[module] = np.memmap(self.folder / entry["file"], dtype=np.dtype(entry["dtype"]), mode="r",
-                                           offset=entry["offset"], shape=tuple(shape))
+            if entry.file is None:
+                raise EngineFolderError(f"The refit map of {self.folder} does not say where {module}'s weight is "
+                                        f"stored. {REFIT_FIX}")
+            shape = entry.shape[::-1] if entry.transpose else entry.shape
+            self._base[module] = np.memmap(self.folder / entry.file, dtype=np.dtype(entry.dtype), mode="r",
+                                           offset=entry.offset, shape=tuple(shape))
         return self._base[module]
 
     def _contributions(self, active: dict[str, float]) -> dict[str, tuple]:
@@ -96,7 +105,7 @@ class AdapterBank:
         updates: dict[str, dict[str, np.ndarray]] = {}
         for module in changed:
             entry = self.refit_map[module]
-            updates.setdefault(entry["component"], {})[entry["weight"]] = self._weight(module, after.get(module, ()))
+            updates.setdefault(entry.component, {})[entry.weight] = self._weight(module, after.get(module, ()))
         return updates
 
     def _weight(self, module: str, contributions: tuple) -> np.ndarray:
@@ -110,7 +119,7 @@ class AdapterBank:
             up = up.reshape(up.shape[0], -1) * np.float32(weight * scale)  # [out, r]: scaling the small factor
             down = down.reshape(down.shape[0], -1)  # [r, in*kh*kw]
             # straight into the graph's layout: a transposed weight gets down^T @ up^T (BLAS transposes for free)
-            delta = down.T @ up.T if entry["transpose"] else up @ down
+            delta = down.T @ up.T if entry.transpose else up @ down
             total = delta if total is None else np.add(total, delta, out=total)
         total = total.reshape(base.shape)
         return np.add(total, base, out=total)

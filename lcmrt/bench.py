@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import Manifest
+
 DEFAULT_PROMPT = "a watercolor fox in the snow"
 # 4096^3 fp32: large enough to reach the kernels' steady state, 0.14 TFLOP per product so a few repeats take
 # seconds; the best repeat is the peak.
@@ -92,17 +94,18 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def stage_flops(manifest: dict, guided: bool) -> dict[str, float]:
+def stage_flops(manifest: Manifest | dict, guided: bool) -> dict[str, float]:
     """FLOPs of one text-encoder call, one UNet step and one VAE decode of a folder's static batch.
 
     The manifest records each graph's FLOPs at the largest batch it accepts; the UNet runs the static batch,
     or twice it with classifier-free guidance, so its FLOPs are scaled to the batch actually run."""
-    components, shapes = manifest["components"], manifest["shapes"]
-    unet_batch = shapes["batch"] * (2 if guided else 1)
+    manifest = Manifest.of(manifest)
+    shapes = manifest.shapes
+    unet_batch = shapes.batch * (2 if guided else 1)
     return {
-        "text_encoder": float(components["text_encoder"].get("flops") or 0.0),
-        "unet_step": float(components["unet"].get("flops") or 0.0) * unet_batch / max(shapes["unet_batch_sizes"]),
-        "vae_decode": float(components["vae_decoder"].get("flops") or 0.0),
+        "text_encoder": float(manifest.component("text_encoder").number("flops") or 0.0),
+        "unet_step": float(manifest.component("unet").number("flops") or 0.0) * unet_batch / max(shapes.unet_batch_sizes),
+        "vae_decode": float(manifest.component("vae_decoder").number("flops") or 0.0),
     }
 
 
@@ -127,7 +130,7 @@ class _KernelTimer:
 def time_generation(pipe, prompt: str = DEFAULT_PROMPT, steps: int = 4, guidance: float = 1.0,
                     num_images: int | None = None, seed: int = 0) -> dict:
     """Run one generation and return its record (see the module docstring)."""
-    num_images = num_images or pipe.shapes["batch"]
+    num_images = num_images or pipe.shapes.batch
     # Every contender encodes the prompt on every call, so lcmrt's prompt cache is emptied first.
     pipe._prompt_cache.clear()
     unet = pipe.sessions["unet"]
@@ -220,7 +223,7 @@ def bench_folder(folder, backend: str = "auto", steps: int = 4, guidance: float 
     summary = summarize(raw["warm"], [cold], flops, gflops, raw["peak_rss_bytes"])
     return {
         "folder": str(Path(folder)), "backend": raw["backend"], "steps": steps, "guidance": guidance,
-        "shapes": manifest["shapes"], "load_s": raw["load_s"], "first_image_s": raw["first"]["e2e"],
+        "shapes": Manifest.of(manifest).data["shapes"], "load_s": raw["load_s"], "first_image_s": raw["first"]["e2e"],
         "gemm_peak_gflops": gflops, "gemm_size": gemm_size, "flops": flops, "summary": summary,
         "records": {"first": raw["first"], "warm": raw["warm"]},
     }

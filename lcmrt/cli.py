@@ -149,10 +149,11 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
 def _print_variant_fidelity(console, manifest: dict, precisions: list[str]) -> None:
     """One line per fp16/int8 graph variant: its outputs against the fp32 graph, as measured at build."""
     from .cpu import has_int8_vnni
+    from .manifest import Manifest
 
-    for name, component in manifest["components"].items():
+    for name, component in Manifest(manifest).components.items():
         for precision in precisions:
-            fidelity = component.get("variants", {}).get(precision, {}).get("fidelity")
+            fidelity = component.variants[precision].data.get("fidelity") if precision in component.variants else None
             if fidelity is None:
                 continue
             for output, diff in fidelity["outputs"].items():
@@ -170,17 +171,19 @@ def _print_variant_fidelity(console, manifest: dict, precisions: list[str]) -> N
 def _print_build_summary(console, out: Path, manifest: dict) -> None:
     from rich.table import Table
 
+    from .manifest import Manifest
+
+    m = Manifest(manifest)
     table = Table(title=f"{out}  ({_folder_size(out) / 1e6:.1f} MB)")
     for column in ("component", "size MB", "params", "max abs diff vs torch", "export s"):
         table.add_column(column, justify="right" if column != "component" else "left")
     seconds = manifest["build"]["seconds"]
-    for name, entry in manifest["components"].items():
-        size = sum((out / f).stat().st_size for f in entry["sha256"])
-        table.add_row(name, f"{size / 1e6:.1f}", f"{entry['parameters'] / 1e6:.2f}M",
-                      f"{entry['validation']['max_abs_diff']:.2e}", f"{seconds.get(f'export {name}', 0):.1f}")
+    for name, entry in m.components.items():
+        size = sum((out / f).stat().st_size for f in entry.graph_fp32.sha256)
+        table.add_row(name, f"{size / 1e6:.1f}", _millions(entry.number("parameters")),
+                      _diff(entry), f"{seconds.get(f'export {name}', 0):.1f}")
     console.print(table)
-    adapters = ", ".join(f"{a['name']}:{a['weight']:g} ({'fused' if a['fused'] else 'refittable'})"
-                         for a in manifest["adapters"])
+    adapters = ", ".join(f"{a.name}:{a.weight:g} ({'fused' if a.fused else 'refittable'})" for a in m.adapters)
     console.print(f"adapters: {adapters}; total {sum(seconds.values()):.1f} s")
     console.print(f"[bold]engine folder:[/bold] {out}")
 
@@ -253,34 +256,52 @@ def info(folder, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from .manifest import load_manifest
+    from .manifest import read_manifest
 
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(manifest.data, indent=2))
         return
     console = Console(width=None if sys.stdout.isatty() else 160)  # piped: no 80-column truncation
-    s, src = manifest["shapes"], manifest["source"]
-    console.print(f"[bold]{folder}[/bold]: {manifest['family']} engine folder, format {manifest['format_version']}, "
-                  f"built {manifest['build']['created']} with lcmrt {manifest['versions']['lcmrt']}")
-    console.print(f"source: {src['kind']} {src['id']}" + (f" (sha256 {src['sha256'][:12]})" if src["sha256"] else ""))
-    console.print(f"shape: {s['width']}x{s['height']} px, batch {s['batch']}, latent {s['latent_channels']}x"
-                  f"{s['latent_height']}x{s['latent_width']}, UNet batches {s['unet_batch_sizes']}; "
-                  f"guidance mode {manifest['guidance_mode']}")
-    cfg = manifest["scheduler"]["config"]
-    console.print(f"scheduler: {manifest['scheduler']['class']} ({cfg['beta_schedule']} {cfg['beta_start']}.."
-                  f"{cfg['beta_end']}, {cfg['prediction_type']}, original_inference_steps "
-                  f"{cfg['original_inference_steps']}, timestep_scaling {cfg['timestep_scaling']})")
+    s, raw = manifest.shapes, manifest.data  # source, build and versions are informational: shown as written
+    src = raw.get("source") or {}
+    console.print(f"[bold]{folder}[/bold]: {manifest.family} engine folder, format {raw['format_version']}, "
+                  f"built {(raw.get('build') or {}).get('created')} with lcmrt {(raw.get('versions') or {}).get('lcmrt')}")
+    console.print(f"source: {src.get('kind')} {src.get('id')}"
+                  + (f" (sha256 {str(src['sha256'])[:12]})" if src.get("sha256") else ""))
+    console.print(f"shape: {s.width}x{s.height} px, batch {s.batch}, latent {s.latent_channels}x"
+                  f"{s.latent_height}x{s.latent_width}, UNet batches {list(s.unet_batch_sizes)}; "
+                  f"guidance mode {manifest.guidance_mode}")
+    cfg = manifest.scheduler_config
+    console.print(f"scheduler: {raw['scheduler'].get('class')} ({cfg.get('beta_schedule')} {cfg.get('beta_start')}.."
+                  f"{cfg.get('beta_end')}, {cfg.get('prediction_type')}, original_inference_steps "
+                  f"{cfg.get('original_inference_steps')}, timestep_scaling {cfg.get('timestep_scaling')})")
     table = Table("component", "file", "precision", "params", "GFLOP", "max abs diff vs torch")
-    for name, entry in manifest["components"].items():
-        table.add_row(name, entry["file"], entry["precision"], f"{entry['parameters'] / 1e6:.2f}M",
-                      f"{entry['flops'] / 1e9:.1f}", f"{entry['validation']['max_abs_diff']:.2e}")
+    for name, entry in manifest.components.items():
+        flops = entry.number("flops")
+        table.add_row(name, entry.file, entry.precision, _millions(entry.number("parameters")),
+                      "?" if flops is None else f"{flops / 1e9:.1f}", _diff(entry))
     console.print(table)
     adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
-    for a in manifest["adapters"]:
-        adapters.add_row(a["name"], a["role"], f"{a['weight']:g}", str(a["fused"]), a["format"],
-                         ", ".join(f"{k} {v}" for k, v in a["modules"].items()))
+    for a in manifest.adapters:
+        adapters.add_row(a.name, str(a.data.get("role")), f"{a.weight:g}", str(a.fused), str(a.data.get("format")),
+                         _modules(a))
     console.print(adapters)
+
+
+def _millions(n: float | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f}M"
+
+
+def _diff(component) -> str:
+    """A component's export validation: max abs diff of ONNX Runtime against torch."""
+    diff = (component.data.get("validation") or {}).get("max_abs_diff")
+    return f"{diff:.2e}" if isinstance(diff, (int, float)) else "?"
+
+
+def _modules(adapter, nonzero: bool = False) -> str:
+    modules = adapter.data.get("modules") or {}
+    return ", ".join(f"{k} {v}" for k, v in modules.items() if v or not nonzero)
 
 
 @cli.group()
@@ -308,13 +329,13 @@ def adapter_add(folder, file, name, allow_pickle):
 @click.argument("folder", type=click.Path(path_type=Path))
 def adapter_list(folder):
     """List the adapters of FOLDER: fused ones and swappable ones with their default weights."""
-    from .manifest import load_manifest
+    from .manifest import read_manifest
 
-    for a in load_manifest(folder)["adapters"]:
-        kind = "fused" if a["fused"] else "refittable"
-        modules = ", ".join(f"{k} {v}" for k, v in a["modules"].items() if v)
-        click.echo(f"{a['name']:<20} {kind:<10} weight {a['weight']:<6g} rank {'/'.join(map(str, a['ranks']))} "
-                   f"({modules}) from {a['path']}")
+    for a in read_manifest(folder).adapters:
+        kind = "fused" if a.fused else "refittable"
+        ranks = "/".join(map(str, a.data.get("ranks") or ["?"]))
+        click.echo(f"{a.name:<20} {kind:<10} weight {a.weight:<6g} rank {ranks} "
+                   f"({_modules(a, nonzero=True)}) from {a.data.get('path')}")
 
 
 @cli.command("bench")

@@ -1,25 +1,52 @@
-"""The engine folder's `manifest.json`: reading, writing and checking it (see DESIGN.md, "The engine folder").
+"""The engine folder's contract (see DESIGN.md, "The engine folder"): the names of its files and graph
+variants, and its `manifest.json`, read, checked and written here only.
 
-The manifest is a plain JSON document; this module owns its format version and the checks every loader
-runs: the folder is an engine folder, its format is one this runtime reads, and each graph file is the
-one the build wrote (sha256).
+The manifest is a plain JSON document; `Manifest` wraps it (unchanged, as `.data`) with typed, read-only
+views of its parts (components and their graph variants, shapes, adapters, refit map, engines), each
+checked where it is read: a part of the wrong shape is an EngineFolderError that names the key and the
+command that fixes it, never a KeyError deep in a backend. `read_manifest` also checks that the folder is
+an engine folder of a format this runtime reads; `verify_component` that each graph file is the one the
+build wrote (sha256). Producers edit a Manifest through its few setters and write it with `write_manifest`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import EngineFolderError
 
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+ADAPTER_DIR = "adapters"  # adapters/NAME.safetensors: one refittable adapter's low-rank factors
+# Graph variants of a component (components[c]["variants"][NAME]), each a file `<component>.<NAME>.onnx`.
+FP32, FP16, INT8 = "fp32", "fp16", "int8"
+GRAPH_PRECISIONS = (FP32, FP16, INT8)  # a component without a variant runs its fp32 graph
+PRE_OPTIMIZED = "ort-cpu"  # written by lcmrt.engines.ort_optimize: ONNX Runtime's CPU optimizations applied
+REFIT_INPUTS = "refit-inputs"  # written by lcmrt.export.adapters: refit weights declared as graph inputs
+FP16_SUFFIX = f".{FP16}.onnx"
+INT8_SUFFIX = f".{INT8}.onnx"
+# TensorRT engines: trt/sm<major><minor>-<trt version>/<component>.plan, with the key's timing cache and
+# refit bases beside them (lcmrt.backends.engine_keys); ONNX Runtime's TensorRT provider caches its own.
+TRT_DIR = "trt"
+PLAN_SUFFIX = ".plan"
+REFIT_BASE_SUFFIX = ".refit-base.safetensors"
+TIMING_CACHE_NAME = "timing.cache"
+TRT_CACHE_DIR = "ort-trt-cache"  # TensorRT engines belong to one GPU and version
 # Files already hashed on this machine, keyed by path with (device, inode, size, mtime): a later load only
 # stats them. Hashing a full-size folder's 4 GB takes seconds; a modified file gets a new mtime.
 VERIFIED_CACHE = Path(os.environ.get("LCMRT_CACHE_DIR", Path.home() / ".cache" / "lcmrt")) / "verified.json"
 # Bump when a reader of the previous format would misread a new folder.
 FORMAT_VERSION = 1
 _HASH_CHUNK = 16 << 20
+
+
+def variant_file(component: str, variant: str) -> str:
+    """The graph file of a component's variant, e.g. `unet.fp16.onnx`."""
+    return f"{component}.{variant}.onnx"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,16 +85,20 @@ def _matches(path: Path, expected: str) -> bool:
     return True
 
 
-def write_manifest(folder: str | Path, manifest: dict) -> Path:
-    """Write (or replace) the manifest atomically: readers see the old or the new one, never half of one."""
+def write_manifest(folder: str | Path, manifest: "Manifest | dict") -> Path:
+    """Check, then write (or replace) the manifest atomically: readers see the old or the new one, never
+    half of one."""
+    data = Manifest.of(manifest).validate().data
     path = Path(folder) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def load_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | Path) -> "Manifest":
+    """The folder's manifest, checked: a folder of another format or of the wrong shape is an EngineFolderError
+    that says what is wrong and what to do."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EngineFolderError(
@@ -78,34 +109,29 @@ def load_manifest(folder: str | Path) -> dict:
             f"{folder} is not an lcmrt engine folder: it has no {MANIFEST_NAME}. "
             "Build one with `lcmrt build MODEL --lcm-lora LORA --out DIR`.")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineFolderError(f"{path} is not valid JSON ({e}). Rebuild the folder with `lcmrt build`.") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not _KINDS[int][1](version):
         raise EngineFolderError(f"{path} has no integer format_version; it was not written by `lcmrt build`.")
     if version > FORMAT_VERSION:
         raise EngineFolderError(
             f"{folder} was built with engine folder format {version}, but this lcmrt reads format "
             f"{FORMAT_VERSION} at most. Upgrade lcmrt (`pip install -U lcmrt`) or rebuild the folder with this version.")
-    return manifest
+    return Manifest(data).validate()
 
 
-def component_entry(manifest: dict, component: str, precision: str = "fp32") -> dict:
-    """A component's graph entry at `precision`: its fp16 variant where one was built, else the fp32 graph."""
-    entry = manifest["components"][component]
-    return entry if precision == "fp32" else entry.get("variants", {}).get(precision, entry)
+def load_manifest(folder: str | Path) -> dict:
+    """The checked manifest as its JSON document (for scripts and tests; lcmrt reads `read_manifest`)."""
+    return read_manifest(folder).data
 
 
-def verify_component(folder: str | Path, manifest: dict, component: str, precision: str = "fp32") -> Path:
-    """Check that a component's files exist and hash to what the build recorded; return the graph path."""
+def verify_component(folder: str | Path, manifest: "Manifest | dict", component: str, variant: str = FP32) -> Path:
+    """Check that a component's graph files exist and hash to what the build recorded; return the graph path."""
     folder = Path(folder)
-    if component not in manifest["components"]:
-        raise EngineFolderError(
-            f"{folder} has no {component!r} component (it has {', '.join(manifest['components'])}). "
-            "Rebuild the folder with `lcmrt build`.")
-    entry = component_entry(manifest, component, precision)
-    for name, expected in entry["sha256"].items():
+    graph = Manifest.of(manifest).component(component).graph(variant)
+    for name, expected in graph.sha256.items():
         path = folder / name
         if not path.is_file():
             raise EngineFolderError(
@@ -114,4 +140,356 @@ def verify_component(folder: str | Path, manifest: dict, component: str, precisi
             raise EngineFolderError(
                 f"{path} does not match the hash recorded at build time: the file was modified or "
                 "truncated. Rebuild the folder with `lcmrt build`.")
-    return folder / entry["file"]
+    return folder / graph.file
+
+
+# --- typed, read-only view ------------------------------------------------------------------------------
+REBUILD = "Rebuild the folder with `lcmrt build`."
+REFIT_FIX = ("Rebuild the folder with `lcmrt build ... --refittable`, or re-add the adapter with "
+             "`lcmrt adapter add`.")
+_REQUIRED = object()
+_KINDS = {  # JSON type -> (words for an error, check); bool is not a number in the manifest
+    str: ("a string", lambda v: isinstance(v, str)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    dict: ("an object", lambda v: isinstance(v, dict)),
+    list: ("a list", lambda v: isinstance(v, list)),
+}
+
+
+def _error(path: str, problem: str, fix: str) -> EngineFolderError:
+    return EngineFolderError(f"{MANIFEST_NAME}: {path} {problem}. {fix}")
+
+
+def _check(value, kind, path: str, fix: str = REBUILD):
+    words, ok = _KINDS[kind]
+    if not ok(value):
+        raise _error(path, f"is {json.dumps(value)[:60]}, expected {words}", fix)
+    return value
+
+
+def _field(obj: dict, key: str, kind, path: str, default=_REQUIRED, fix: str = REBUILD):
+    """obj[key] checked to be of `kind` (`default` where absent and one is given)."""
+    _check(obj, dict, path, fix)
+    if key not in obj or (obj[key] is None and default is None):
+        if default is _REQUIRED:
+            raise _error(path, f"has no {key!r}", fix)
+        return default
+    return _check(obj[key], kind, f"{path}.{key}", fix)
+
+
+def _list_of(obj: dict, key: str, kind, path: str, default=_REQUIRED, fix: str = REBUILD) -> tuple:
+    items = _field(obj, key, list, path, default, fix)
+    return tuple(_check(v, kind, f"{path}.{key}[{i}]", fix) for i, v in enumerate(items))
+
+
+def _inside(name: str, path: str, fix: str) -> str:
+    """A file name inside the engine folder: relative, never leaving it."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise _error(path, f"is {name!r}, not a file inside the engine folder", fix)
+    return name
+
+
+def _relative_file(obj: dict, key: str, path: str, default=_REQUIRED, fix: str = REBUILD) -> str | None:
+    name = _field(obj, key, str, path, default, fix)
+    return None if name is None else _inside(name, f"{path}.{key}", fix)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A graph input or output: a dimension is a size or the name of a dimension that varies (`dim_values`)."""
+    name: str
+    shape: tuple
+    dtype: str
+
+    @classmethod
+    def parse(cls, d, path: str) -> "Tensor":
+        shape = _field(d, "shape", list, path)
+        for i, n in enumerate(shape):
+            if not (_KINDS[int][1](n) or isinstance(n, str)):
+                raise _error(f"{path}.shape[{i}]", f"is {json.dumps(n)[:60]}, expected a size or a dimension name",
+                             REBUILD)
+        return cls(_field(d, "name", str, path), tuple(shape), _field(d, "dtype", str, path))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One graph file of a component (its fp32 graph or a variant) and the files it reads, with their sha256."""
+    name: str
+    file: str
+    sha256: dict
+    precision: str
+    weight_inputs: tuple[str, ...]  # refit-inputs: the graph weights declared as inputs
+    key: dict | None  # ort-cpu: the ONNX Runtime version and CPU the graph was optimized for
+    data: dict  # the raw entry: a variant's other fields (fidelity, quantization) are read by its maker
+
+    @classmethod
+    def parse(cls, name: str, d, path: str, precision: str) -> "Variant":
+        file = _relative_file(d, "file", path)
+        hashes = _field(d, "sha256", dict, path)
+        for f, digest in hashes.items():
+            _check(digest, str, f"{path}.sha256.{_inside(f, f'{path}.sha256 key', REBUILD)}")
+        if file not in hashes:
+            raise _error(f"{path}.sha256", f"has no hash of its graph {file!r}", REBUILD)
+        return cls(name, file, dict(hashes), _field(d, "precision", str, path, precision),
+                   _list_of(d, "weight_inputs", str, path, ()), _field(d, "key", dict, path, None), d)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    graph_fp32: Variant
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    variants: dict  # variant name -> Variant
+    data: dict  # the raw entry (parameters, flops, validation, dim_values, source)
+
+    @classmethod
+    def parse(cls, name: str, d, path: str) -> "Component":
+        graph = Variant.parse(FP32, d, path, FP32)
+        variants = _field(d, "variants", dict, path, {})
+        return cls(name, graph,
+                   tuple(Tensor.parse(t, f"{path}.inputs[{i}]") for i, t in enumerate(_field(d, "inputs", list, path, []))),
+                   tuple(Tensor.parse(t, f"{path}.outputs[{i}]") for i, t in enumerate(_field(d, "outputs", list, path, []))),
+                   {v: Variant.parse(v, e, f"{path}.variants.{v}", v if v in GRAPH_PRECISIONS else graph.precision)
+                    for v, e in variants.items()}, d)
+
+    @property
+    def file(self) -> str:
+        return self.graph_fp32.file
+
+    @property
+    def dim_values(self) -> dict[str, tuple[int, ...]]:
+        """Dimension name -> the sizes it takes (the UNet's batch: with and without guidance)."""
+        path = f"components.{self.name}.dim_values"
+        values = _field(self.data, "dim_values", dict, f"components.{self.name}", {})
+        values = {d: _list_of(values, d, int, path) for d in values}
+        named = {d for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, str)}
+        missing = sorted(named - {d for d, sizes in values.items() if sizes})
+        if missing:
+            raise _error(path, f"lacks the sizes of {', '.join(missing)}", REBUILD)
+        return values
+
+    @property
+    def precision(self) -> str:
+        return self.graph_fp32.precision
+
+    def graph(self, variant: str = FP32) -> Variant:
+        """The graph of `variant` where one was built, else the fp32 graph."""
+        return self.graph_fp32 if variant == FP32 else self.variants.get(variant, self.graph_fp32)
+
+    def number(self, key: str) -> float | None:
+        """An optional statistic of the export (parameters, flops)."""
+        return _field(self.data, key, float, f"components.{self.name}", None)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The static shape profile: one image batch at one size; the UNet also runs twice the batch with CFG."""
+    batch: int
+    height: int
+    width: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    text_length: int
+    unet_batch_sizes: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, d) -> "Shapes":
+        sizes = {f.name: _field(d, f.name, int, "shapes") for f in fields(cls) if f.name != "unet_batch_sizes"}
+        unet = _list_of(d, "unet_batch_sizes", int, "shapes")
+        if min((*sizes.values(), *unet), default=0) < 1 or not unet:
+            raise _error("shapes", f"has a size below 1 ({json.dumps(d)[:80]})", REBUILD)
+        return cls(**sizes, unet_batch_sizes=unet)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA of the folder: fused into the graphs at `weight`, or refittable from its pack."""
+    name: str
+    weight: float
+    fused: bool
+    targets: tuple[str, ...]  # modules it changes (refittable adapters: keys of the refit map)
+    pack: str | None  # adapters/NAME.safetensors, refittable adapters only
+    data: dict  # the raw record (role, path, format, modules, ranks)
+
+    @classmethod
+    def parse(cls, d, path: str) -> "Adapter":
+        fused = _field(d, "fused", bool, path, fix=REFIT_FIX)
+        return cls(_field(d, "name", str, path, fix=REFIT_FIX), float(_field(d, "weight", float, path, fix=REFIT_FIX)),
+                   fused, _list_of(d, "targets", str, path, (), REFIT_FIX), _relative_file(d, "pack", path, None, REFIT_FIX), d)
+
+
+@dataclass(frozen=True)
+class RefitEntry:
+    """Where a LoRA module's weight lives in a graph: the initializer, whether the exporter stored it
+    transposed, and (for the runtime's pristine base) its bytes in the graph's external data."""
+    module: str
+    component: str
+    weight: str
+    transpose: bool
+    shape: tuple[int, ...] | None = None  # the module's weight shape (before any transpose)
+    file: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def parse(cls, module: str, d, components: dict) -> "RefitEntry":
+        path = f"refit_map.{module}"
+        component = _field(d, "component", str, path, fix=REFIT_FIX)
+        if component not in components:
+            raise _error(f"{path}.component", f"is {component!r}, which is not a component of the folder", REFIT_FIX)
+        entry = cls(module, component, _field(d, "weight", str, path, fix=REFIT_FIX),
+                    _field(d, "transpose", bool, path, fix=REFIT_FIX))
+        if not entry.weight:
+            raise _error(f"{path}.weight", "names no graph weight", REFIT_FIX)
+        if _relative_file(d, "file", path, None, REFIT_FIX) is None:
+            return entry  # a map without locations (TensorRT refit reads the weights from the graph)
+        return cls(module, component, entry.weight, entry.transpose, _list_of(d, "shape", int, path, fix=REFIT_FIX),
+                   d["file"], _field(d, "offset", int, path, fix=REFIT_FIX), _field(d, "length", int, path, fix=REFIT_FIX),
+                   _field(d, "dtype", str, path, fix=REFIT_FIX))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A built TensorRT engine: the GPU and TensorRT version it runs on and the graph it was built from."""
+    backend: str
+    component: str
+    file: str
+    sha256: str
+    compute_capability: str
+    backend_version: str
+    precision: str
+    source_file: str
+    source_sha256: str
+    refit_base: str | None  # an engine with refittable weights: their pristine values (safetensors)
+    data: dict
+
+    @classmethod
+    def parse(cls, d, path: str) -> "Engine":
+        cmd = "Rebuild the engines with `lcmrt build --engines-only FOLDER --backend tensorrt`."
+        device, source = _field(d, "device", dict, path, fix=cmd), _field(d, "source", dict, path, fix=cmd)
+        refit = _field(d, "refit", dict, path, None, cmd)
+        return cls(_field(d, "backend", str, path, fix=cmd), _field(d, "component", str, path, fix=cmd),
+                   _relative_file(d, "file", path, fix=cmd), _field(d, "sha256", str, path, fix=cmd),
+                   _field(device, "compute_capability", str, f"{path}.device", fix=cmd),
+                   _field(d, "backend_version", str, path, fix=cmd), _field(d, "precision", str, path, FP32, cmd),
+                   _relative_file(source, "file", f"{path}.source", fix=cmd),
+                   _field(source, "sha256", str, f"{path}.source", fix=cmd),
+                   None if refit is None else _relative_file(refit, "base", f"{path}.refit", fix=cmd), d)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: str
+    max_length: int
+    pad_token_id: int
+
+
+class Manifest:
+    """Typed access to a manifest's parts, each checked where it is read: a part of the wrong shape is an
+    EngineFolderError naming the key and the fix. `data` is the JSON document itself, written unchanged."""
+
+    def __init__(self, data: dict):
+        self.data = _check(data, dict, "the document")
+
+    @classmethod
+    def of(cls, manifest: "Manifest | dict") -> "Manifest":
+        return manifest if isinstance(manifest, Manifest) else cls(manifest)
+
+    def __getitem__(self, key: str):
+        """The raw JSON of a top-level key, for scripts; lcmrt's own code reads the typed properties."""
+        return self.data[key]
+
+    def validate(self) -> "Manifest":
+        """Read every part once, so that a folder of the wrong shape fails on load, not mid-generation."""
+        _field(self.data, "format_version", int, "the document")
+        _ = (self.family, self.guidance_mode, self.shapes, self.scheduler_config, self.tokenizer,
+             self.vae_scaling_factor, self.adapters, self.refit_map, self.engines, self.refittable, self.model_configs,
+             [component.dim_values for component in self.components.values()])
+        return self
+
+    @property
+    def family(self) -> str:
+        return _field(self.data, "family", str, "the document")
+
+    @property
+    def guidance_mode(self) -> str:
+        return _field(self.data, "guidance_mode", str, "the document")
+
+    @property
+    def shapes(self) -> Shapes:
+        return Shapes.parse(_field(self.data, "shapes", dict, "the document"))
+
+    @property
+    def scheduler_config(self) -> dict:
+        return _field(_field(self.data, "scheduler", dict, "the document"), "config", dict, "scheduler")
+
+    @property
+    def tokenizer(self) -> TokenizerInfo:
+        tok = _field(self.data, "tokenizer", dict, "the document")
+        return TokenizerInfo(_relative_file(tok, "path", "tokenizer"), _field(tok, "max_length", int, "tokenizer"),
+                             _field(tok, "pad_token_id", int, "tokenizer"))
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return _field(_field(self.data, "vae", dict, "the document"), "scaling_factor", float, "vae")
+
+    @property
+    def components(self) -> dict[str, Component]:
+        return {name: Component.parse(name, entry, f"components.{name}")
+                for name, entry in _field(self.data, "components", dict, "the document").items()}
+
+    def component(self, name: str) -> Component:
+        components = _field(self.data, "components", dict, "the document")
+        if name not in components:
+            raise EngineFolderError(f"The engine folder has no {name!r} component (it has "
+                                    f"{', '.join(components) or 'none'}). {REBUILD}")
+        return Component.parse(name, components[name], f"components.{name}")
+
+    @property
+    def adapters(self) -> tuple[Adapter, ...]:
+        return tuple(Adapter.parse(a, f"adapters[{i}]")
+                     for i, a in enumerate(_field(self.data, "adapters", list, "the document", [], REFIT_FIX)))
+
+    @property
+    def refittable(self) -> bool:
+        return _field(self.data, "refittable", bool, "the document", False)
+
+    @property
+    def refit_map(self) -> dict[str, RefitEntry]:
+        """LoRA module -> where its weight lives; empty for a folder built without --refittable."""
+        refit_map = _field(self.data, "refit_map", dict, "the document", {}, REFIT_FIX)
+        components = _field(self.data, "components", dict, "the document") if refit_map else {}
+        return {module: RefitEntry.parse(module, entry, components) for module, entry in refit_map.items()}
+
+    @property
+    def model_configs(self) -> dict | None:
+        """The UNet and text encoder configs of a refittable folder (`lcmrt adapter add` rebuilds the modules)."""
+        return _field(self.data, "model_configs", dict, "the document", None, REFIT_FIX)
+
+    @property
+    def refit_components(self) -> set[str]:
+        """Components whose weights may be refit at run time (any adapter added later may target them)."""
+        return {entry.component for entry in self.refit_map.values()}
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        return tuple(Engine.parse(e, f"engines[{i}]")
+                     for i, e in enumerate(_field(self.data, "engines", list, "the document", [])))
+
+    # --- producers: the build stage edits a manifest through these, then writes it --------------------
+    def set_variant(self, component: str, name: str, entry: dict) -> None:
+        self.component(component).data.setdefault("variants", {})[name] = entry
+
+    def drop_variant(self, component: str, name: str) -> None:
+        self.component(component).data.get("variants", {}).pop(name, None)
+
+    def add_adapter(self, record: dict) -> None:
+        self.data.setdefault("adapters", []).append(record)
+
+    def set_engines(self, entries: list[dict]) -> None:
+        self.data["engines"] = list(entries)

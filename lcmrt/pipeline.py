@@ -18,7 +18,7 @@ from .adapters import AdapterBank
 from .backends import get_backend
 from .errors import AdapterError, GenerationError, InputError
 from .images import to_pil
-from .manifest import load_manifest
+from .manifest import Manifest, read_manifest
 from .sampler import LCMSampler
 from .tokenizer import PromptTokenizer
 
@@ -29,7 +29,7 @@ RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: dict, sessions: dict, tokenizer: PromptTokenizer, backend_name: str,
+    def __init__(self, folder: Path, manifest: Manifest, sessions: dict, tokenizer: PromptTokenizer, backend_name: str,
                  bank: AdapterBank, active: dict[str, float]):
         self.folder = folder
         self.manifest = manifest
@@ -38,8 +38,8 @@ class Pipeline:
         self.backend = backend_name
         self._bank = bank
         self._active = active  # refittable adapters -> weight (0 = inactive)
-        self.shapes = manifest["shapes"]
-        self.scheduler_config = manifest["scheduler"]["config"]
+        self.shapes = manifest.shapes
+        self.scheduler_config = manifest.scheduler_config
         self.last_timings: dict = {}
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -49,8 +49,8 @@ class Pipeline:
         """Load an engine folder. `adapters` sets the refittable adapters' weights from the start
         (default: the weights they were built with)."""
         folder = Path(folder)
-        manifest = load_manifest(folder)
-        if backend == "auto" and any(e.get("backend") == "tensorrt" for e in manifest.get("engines", [])):
+        manifest = read_manifest(folder)
+        if backend == "auto" and any(e.backend == "tensorrt" for e in manifest.engines):
             from .backends.tensorrt import TensorRTBackend
 
             backend = "tensorrt" if TensorRTBackend.installed() else backend
@@ -61,8 +61,8 @@ class Pipeline:
         sessions = {}
         for name in RUNTIME_COMPONENTS:
             sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
-        tok = manifest["tokenizer"]
-        tokenizer = PromptTokenizer(folder / tok["path"], max_length=tok["max_length"], pad_token_id=tok["pad_token_id"])
+        tok = manifest.tokenizer
+        tokenizer = PromptTokenizer(folder / tok.path, max_length=tok.max_length, pad_token_id=tok.pad_token_id)
         return cls(folder, manifest, sessions, tokenizer, engine.name, bank, active)
 
     @property
@@ -101,7 +101,7 @@ class Pipeline:
 
     @property
     def supports_guidance(self) -> bool:
-        return 2 * self.shapes["batch"] in self.shapes["unet_batch_sizes"]
+        return 2 * self.shapes.batch in self.shapes.unet_batch_sizes
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """Text embeddings [1, 77, D], cached per prompt (LRU)."""
@@ -135,7 +135,7 @@ class Pipeline:
 
     def _latent_shape(self, n: int) -> tuple:
         s = self.shapes
-        return (n, s["latent_channels"], s["latent_height"], s["latent_width"])
+        return (n, s.latent_channels, s.latent_height, s.latent_width)
 
     def _check_array(self, what: str, array, shape: tuple) -> np.ndarray:
         array = np.asarray(array)
@@ -167,7 +167,7 @@ class Pipeline:
         embeds = self._text_embeddings(prompt, negative_prompt, guidance_scale > 1)
         timings["text_encoder"] = time.perf_counter() - start
         # the folder's static batch: run num_images in chunks of it (the last chunk padded)
-        n = self.shapes["batch"]
+        n = self.shapes.batch
         chunks = [slice(i, i + n) for i in range(0, num_images, n)]
         images = []
         for chunk in chunks:
@@ -182,7 +182,7 @@ class Pipeline:
 
     def _text_embeddings(self, prompt, negative_prompt, guided: bool) -> np.ndarray:
         """UNet conditioning for one static batch: [N, 77, D], or [2N, 77, D] as (negative, prompt) halves."""
-        n = self.shapes["batch"]
+        n = self.shapes.batch
         cond = np.repeat(self.encode_prompt(prompt), n, axis=0)
         if not guided:
             return cond
@@ -191,7 +191,7 @@ class Pipeline:
 
     def _denoise(self, sampler, x, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
         unet = self.sessions["unet"]
-        device_loop = unet.denoise_loop(self.shapes["batch"])
+        device_loop = unet.denoise_loop(self.shapes.batch)
         if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
             return device_loop(sampler, x, step_noise, embeds, guidance_scale, timings)
         guided = guidance_scale > 1

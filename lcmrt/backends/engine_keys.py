@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EngineFolderError
-from ..manifest import file_sha256
+from ..manifest import PLAN_SUFFIX, REFIT_BASE_SUFFIX, TIMING_CACHE_NAME, TRT_DIR, Engine, Manifest, file_sha256
 
-TRT_DIR = "trt"
-PLAN_SUFFIX = ".plan"
-REFIT_BASE_SUFFIX = ".refit-base.safetensors"
-TIMING_CACHE_NAME = "timing.cache"
 REBUILD_COMMAND = "lcmrt build --engines-only {folder} --backend tensorrt"
 
 
@@ -69,16 +65,15 @@ def rebuild_command(folder: str | Path) -> str:
     return REBUILD_COMMAND.format(folder=folder)
 
 
-def source_graph(manifest: dict, component: str, precision: str) -> tuple[str, str]:
+def source_graph(manifest: Manifest | dict, component: str, precision: str) -> tuple[str, str]:
     """(file, sha256) of the ONNX graph an engine of `component` is built from at `precision`."""
-    entry = manifest["components"][component]
-    if precision != entry.get("precision", "fp32"):
-        entry = entry.get("variants", {}).get(precision)
-        if entry is None:
-            raise EngineFolderError(
-                f"The engine folder has no {precision} graph of {component}. Add it with "
-                f"`lcmrt build --engines-only FOLDER --backend tensorrt --fp16`, which converts the fp32 graphs.")
-    return entry["file"], entry["sha256"][entry["file"]]
+    comp = Manifest.of(manifest).component(component)
+    graph = comp.graph_fp32 if precision == comp.precision else comp.variants.get(precision)
+    if graph is None:
+        raise EngineFolderError(
+            f"The engine folder has no {precision} graph of {component}. Add it with "
+            f"`lcmrt build --engines-only FOLDER --backend tensorrt --fp16`, which converts the fp32 graphs.")
+    return graph.file, graph.sha256[graph.file]
 
 
 def engine_entry(key: EngineKey, component: str, source_file: str, source_sha256: str, plan_sha256: str,
@@ -107,40 +102,38 @@ def replace_engine_entries(engines: list[dict], new: list[dict]) -> list[dict]:
     return [e for e in engines if ident(e) not in replaced] + list(new)
 
 
-def select_engine(folder: str | Path, manifest: dict, component: str, key: EngineKey,
-                  check_plan_hash: bool = True) -> dict:
+def select_engine(folder: str | Path, manifest: Manifest | dict, component: str, key: EngineKey,
+                  check_plan_hash: bool = True) -> Engine:
     """The manifest entry of the engine for `component` that this GPU and TensorRT may load, or an
     EngineFolderError that says what is there and the command that rebuilds it."""
     folder = Path(folder)
     cmd = rebuild_command(folder)
-    built = [e for e in manifest.get("engines", []) if e.get("backend") == "tensorrt" and e.get("component") == component]
+    built = [e for e in Manifest.of(manifest).engines if e.backend == "tensorrt" and e.component == component]
     if not built:
         raise EngineFolderError(
             f"{folder} has no TensorRT engine for {component}. Build the engines on this GPU with `{cmd}`.")
-    matching = [e for e in built if e.get("device", {}).get("compute_capability") == key.compute_capability
-                and e.get("backend_version") == key.trt_version]
+    matching = [e for e in built if e.compute_capability == key.compute_capability
+                and e.backend_version == key.trt_version]
     if not matching:
-        there = ", ".join(sorted({f"compute capability {e.get('device', {}).get('compute_capability')} with "
-                                  f"TensorRT {e.get('backend_version')}" for e in built}))
+        there = ", ".join(sorted({f"compute capability {e.compute_capability} with TensorRT {e.backend_version}"
+                                  for e in built}))
         raise EngineFolderError(
             f"The TensorRT engines for {component} in {folder} were built for {there}, but this machine has "
             f"{key.describe()}. TensorRT engines only run on the GPU architecture and TensorRT version that "
             f"built them: rebuild them here with `{cmd}`.")
     entry = matching[-1]
-    source = entry["source"]
-    precision = entry.get("precision", "fp32")
     try:
-        graph_file, graph_sha = source_graph(manifest, component, precision)
-    except (KeyError, EngineFolderError):
-        graph_file, graph_sha = source["file"], None
-    if graph_sha is None or graph_file != source["file"] or graph_sha != source["sha256"]:
+        graph_file, graph_sha = source_graph(manifest, component, entry.precision)
+    except EngineFolderError:
+        graph_file, graph_sha = entry.source_file, None
+    if graph_sha is None or graph_file != entry.source_file or graph_sha != entry.source_sha256:
         raise EngineFolderError(
-            f"The TensorRT engine {entry['file']} was built from a different {component} graph than the one "
+            f"The TensorRT engine {entry.file} was built from a different {component} graph than the one "
             f"in {folder} ({graph_file}): the graph was rebuilt after the engine. Rebuild the engines with `{cmd}`.")
-    plan = folder / entry["file"]
+    plan = folder / entry.file
     if not plan.is_file():
         raise EngineFolderError(f"{plan} is listed in the manifest but missing. Rebuild the engines with `{cmd}`.")
-    if check_plan_hash and file_sha256(plan) != entry["sha256"]:
+    if check_plan_hash and file_sha256(plan) != entry.sha256:
         raise EngineFolderError(
             f"{plan} does not match the hash recorded when it was built (modified or truncated). "
             f"Rebuild the engines with `{cmd}`.")

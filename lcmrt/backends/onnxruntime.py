@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError
-from ..manifest import component_entry, verify_component
+from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
+                        verify_component)
 from .base import Backend, Session, TensorSpec
 
 PROVIDERS = {
@@ -27,7 +28,6 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _NAMES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-trt"}
-TRT_CACHE_DIR = "ort-trt-cache"  # inside the engine folder: TensorRT engines belong to one GPU and version
 
 # onnxruntime's type strings for the element types lcmrt graphs use.
 _ORT_DTYPES = {
@@ -41,9 +41,7 @@ _ONNX_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
-PRECISIONS = ("fp32", "fp16", "int8")  # a component without the variant runs its fp32 graph
-PRE_OPTIMIZED = "ort-cpu"  # manifest variant written by lcmrt.engines.ort_optimize
-REFIT_INPUTS = "refit-inputs"  # manifest variant written by lcmrt.export.adapters: refit weights as graph inputs
+PRECISIONS = GRAPH_PRECISIONS
 REFIT_MODES = ("auto", "inputs", "session")
 _LISTED = 5  # names shown in an error before "..."
 
@@ -88,30 +86,29 @@ class OnnxRuntimeBackend(Backend):
         installed = ort.get_available_providers()
         return [device for device, provider in PROVIDERS.items() if provider in installed]
 
-    def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> OrtSession:
-        folder = Path(folder)
-        variants = manifest["components"][component].get("variants", {})
-        if self.refit == "inputs" and REFIT_INPUTS in variants and self.precision == "fp32":
+    def load(self, folder: Path, manifest: Manifest | dict, component: str, weights: dict | None = None) -> OrtSession:
+        folder, manifest = Path(folder), Manifest.of(manifest)
+        variants = manifest.component(component).variants
+        if self.refit == "inputs" and REFIT_INPUTS in variants and self.precision == FP32:
             path = verify_component(folder, manifest, component, REFIT_INPUTS)
             session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
-                                 weight_inputs=variants[REFIT_INPUTS]["weight_inputs"])
-            session.precision = variants[REFIT_INPUTS]["precision"]
+                                 weight_inputs=list(variants[REFIT_INPUTS].weight_inputs))
+            session.precision = variants[REFIT_INPUTS].precision
             return session
         variant = self.precision
         pre_optimized = (self.device == "cpu" and not weights
-                         and component_entry(manifest, component, self.precision)["precision"] == "fp32"
-                         and manifest["components"][component].get("variants", {}).get(PRE_OPTIMIZED, {})
-                         .get("key") == cpu_graph_key())
+                         and manifest.component(component).graph(self.precision).precision == FP32
+                         and PRE_OPTIMIZED in variants and variants[PRE_OPTIMIZED].key == cpu_graph_key())
         if pre_optimized:  # built on a CPU like this one: skip ONNX Runtime's graph optimizations at load
             variant = PRE_OPTIMIZED
         path = verify_component(folder, manifest, component, variant)
-        entry = component_entry(manifest, component, variant)
-        if entry["precision"] == "int8" and self.device == "cpu":
-            if message := int8_accuracy_warning(str(folder), entry, cpu_description()["isa"]):
+        graph = manifest.component(component).graph(variant)
+        if graph.precision == INT8 and self.device == "cpu":
+            if message := int8_accuracy_warning(str(folder), graph.data, cpu_description()["isa"]):
                 warnings.warn(message, stacklevel=2)
         session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
                              optimize=not pre_optimized)
-        session.precision = entry["precision"]
+        session.precision = graph.precision
         return session
 
     def _providers(self, folder: Path) -> list:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
+from ..manifest import Engine, Manifest
 from .base import Backend, Session, TensorSpec
 from .engine_keys import EngineKey, compute_capability, rebuild_command, select_engine
 
@@ -160,11 +161,11 @@ class TensorRTBackend(Backend):
         """TensorRT and CuPy importable (without importing them)."""
         return all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "cupy"))
 
-    def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> TrtSession:
+    def load(self, folder: Path, manifest: Manifest | dict, component: str, weights: dict | None = None) -> TrtSession:
         folder = Path(folder)
         entry = select_engine(folder, manifest, component, self.key, check_plan_hash=self.verify_plans)
-        if self.precision == "fp32" and entry["precision"] != "fp32":
-            raise BackendError(f"The {component} TensorRT engine in {folder} is {entry['precision']}, but precision "
+        if self.precision == "fp32" and entry.precision != "fp32":
+            raise BackendError(f"The {component} TensorRT engine in {folder} is {entry.precision}, but precision "
                                f"fp32 was asked for. Rebuild the engines without --fp16 (`{rebuild_command(folder)}`) "
                                "or leave precision unset.")
         session = TrtSession(self, folder, entry, component)
@@ -174,15 +175,15 @@ class TensorRTBackend(Backend):
 
 
 class TrtSession(Session):
-    def __init__(self, backend: TensorRTBackend, folder: Path, entry: dict, component: str):
+    def __init__(self, backend: TensorRTBackend, folder: Path, entry: Engine, component: str):
         trt, cp = backend.trt, backend.cupy
         self.trt, self.cp, self.component, self.folder = trt, cp, component, folder
         self.entry = entry
-        self.precision = entry["precision"]
+        self.precision = entry.precision
         self.logger = backend.logger
-        self.engine = backend.runtime.deserialize_cuda_engine((folder / entry["file"]).read_bytes())
+        self.engine = backend.runtime.deserialize_cuda_engine((folder / entry.file).read_bytes())
         if self.engine is None:
-            raise BackendError(f"TensorRT could not load {entry['file']} (see its log above). Rebuild it with "
+            raise BackendError(f"TensorRT could not load {entry.file} (see its log above). Rebuild it with "
                                f"`{rebuild_command(folder)}`.")
         self.context = self.engine.create_execution_context()
         self.cuda_graphs = backend.cuda_graphs
@@ -274,7 +275,7 @@ class TrtSession(Session):
         return self._loop
 
     def refittable(self) -> bool:
-        return "refit" in self.entry
+        return self.entry.refit_base is not None
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Set graph weights (initializer name -> full new value) in the engine. All or nothing."""
@@ -321,7 +322,7 @@ class TrtSession(Session):
         if self._pristine is None:
             from safetensors.numpy import load_file
 
-            self._pristine = load_file(str(self.folder / self.entry["refit"]["base"]))
+            self._pristine = load_file(str(self.folder / self.entry.refit_base))
         if name not in self._pristine:
             raise BackendError(f"The {self.component} engine needs weight {name!r} to refit, but its base value "
                                f"was not stored at build time. Rebuild with `{rebuild_command(self.folder)}`.")

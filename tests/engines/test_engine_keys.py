@@ -38,9 +38,9 @@ def _folder(tmp_path, key=KEY, precision="fp16"):
 
 def test_select_ok(tmp_path):
     manifest = _folder(tmp_path)
-    assert select_engine(tmp_path, manifest, "unet", KEY)["file"] == "trt/sm86-10.3.0/unet.plan"
+    assert select_engine(tmp_path, manifest, "unet", KEY).file == "trt/sm86-10.3.0/unet.plan"
     manifest = _folder(tmp_path / "b", precision="fp32")
-    assert select_engine(tmp_path / "b", manifest, "unet", KEY)["source"]["file"] == "unet.onnx"
+    assert select_engine(tmp_path / "b", manifest, "unet", KEY).source_file == "unet.onnx"
 
 
 @pytest.mark.parametrize("other, words", [

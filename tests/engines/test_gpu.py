@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lcmrt.errors import EngineFolderError
-from lcmrt.manifest import load_manifest, write_manifest
+from lcmrt.manifest import load_manifest, read_manifest, write_manifest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 REFIT_WEIGHTS = 4  # UNet weights the test marks refittable
@@ -44,8 +44,8 @@ def _sessions(folder, backend):
 def _feeds(folder, component, batch=None):
     from lcmrt.engines.fp16 import _vocab_size, example_inputs
 
-    manifest = load_manifest(folder)
-    feeds = example_inputs(manifest["components"][component], vocab_size=_vocab_size(folder, manifest))
+    manifest = read_manifest(folder)
+    feeds = example_inputs(manifest.component(component), vocab_size=_vocab_size(folder, manifest))
     if batch is not None:
         feeds = {k: v[:batch] if v.ndim > 1 else v for k, v in feeds.items()}
     return feeds

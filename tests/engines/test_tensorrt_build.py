@@ -7,6 +7,7 @@ import pytest
 from lcmrt.engines.tensorrt import (_dim_ranges, build_options, check_refit_targets, parse_size,
                                     parse_trt_version, refit_targets)
 from lcmrt.errors import BackendError, EngineFolderError, InputError
+from lcmrt.manifest import Component
 
 
 def test_versions():
@@ -64,16 +65,21 @@ def test_refit_targets_and_naming():
     refit_map = {
         "unet.down_blocks.0.attentions.0.proj_in": {"component": "unet", "weight": "onnx::MatMul_901",
                                                     "transpose": True},
-        "unet.mid_block.resnets.0.conv1": {"component": "unet", "weight": "unet.mid_block.resnets.0.conv1.weight"},
-        "unet.up_blocks.1.attentions.0.to_q": {"component": "unet", "weight": "unet.x.to_q.base_layer.weight"},
-        "unet.up_blocks.1.attentions.0.to_k": {"component": "unet", "weight": "onnx::MatMul_950"},
-        "text_encoder.encoder.layers.0.self_attn.q_proj": {"component": "text_encoder", "weight": "onnx::MatMul_7"},
+        "unet.mid_block.resnets.0.conv1": {"component": "unet", "weight": "unet.mid_block.resnets.0.conv1.weight",
+                                           "transpose": False},
+        "unet.up_blocks.1.attentions.0.to_q": {"component": "unet", "weight": "unet.x.to_q.base_layer.weight",
+                                               "transpose": False},
+        "unet.up_blocks.1.attentions.0.to_k": {"component": "unet", "weight": "onnx::MatMul_950", "transpose": True},
+        "text_encoder.encoder.layers.0.self_attn.q_proj": {"component": "text_encoder", "weight": "onnx::MatMul_7",
+                                                           "transpose": True},
     }
     targets = ["unet.down_blocks.0.attentions.0.proj_in", "unet.mid_block.resnets.0.conv1",
                "unet.up_blocks.1.attentions.0.to_q", "text_encoder.encoder.layers.0.self_attn.q_proj"]
-    manifest = {"refit_map": refit_map, "adapters": [
-        {"name": "lcm", "fused": True, "targets": ["unet.up_blocks.1.attentions.0.to_k"]},
-        {"name": "style", "fused": False, "targets": targets}]}
+    components = {c: {"file": f"{c}.onnx", "sha256": {f"{c}.onnx": "0" * 64}}
+                  for c in ("text_encoder", "unet", "vae_decoder")}
+    manifest = {"components": components, "refit_map": refit_map, "adapters": [
+        {"name": "lcm", "weight": 1.0, "fused": True, "targets": ["unet.up_blocks.1.attentions.0.to_k"]},
+        {"name": "style", "weight": 0.8, "fused": False, "targets": targets}]}
     names = refit_targets(manifest, "unet")
     # only weights a swappable adapter targets: to_k is in the map but only the fused LCM-LoRA touches it
     assert names == sorted(["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight",
@@ -84,18 +90,25 @@ def test_refit_targets_and_naming():
     report = check_refit_targets(names + ["unet.gone.weight"], graph)
     assert report == {"found": ["onnx::MatMul_901", "unet.mid_block.resnets.0.conv1.weight"],
                       "peft_names": ["unet.x.to_q.base_layer.weight"], "missing": ["unet.gone.weight"]}
-    with pytest.raises(EngineFolderError):
-        refit_targets({"refit_map": {"unet.m": {"component": "unet", "transpose": False}},
-                       "adapters": [{"fused": False, "targets": ["unet.m"]}]}, "unet")
+    with pytest.raises(EngineFolderError, match=r"refit_map\.unet\.m has no 'weight'.*lcmrt adapter add"):
+        refit_targets({"components": components, "refit_map": {"unet.m": {"component": "unet", "transpose": False}},
+                       "adapters": [{"name": "style", "weight": 0.8, "fused": False, "targets": ["unet.m"]}]}, "unet")
+
+
+def _component(inputs, dim_values) -> Component:
+    entry = {"file": "unet.onnx", "sha256": {"unet.onnx": "0" * 64}, "dim_values": dim_values,
+             "inputs": [{"name": n, "shape": shape, "dtype": "float32"} for n, shape in inputs]}
+    return Component.parse("unet", entry, "components.unet")
 
 
 def test_dim_ranges():
-    entry = {"inputs": [{"name": "sample", "shape": ["unet_batch", 4, 8, 8]}, {"name": "timestep", "shape": [1]},
-                        {"name": "encoder_hidden_states", "shape": ["unet_batch", 77, 32]}],
-             "dim_values": {"unet_batch": [1, 2]}}
-    assert _dim_ranges(entry) == {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
-                                  "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}
-    assert _dim_ranges({"inputs": [], "dim_values": {}}) is None
+    unet = _component([("sample", ["unet_batch", 4, 8, 8]), ("timestep", [1]),
+                       ("encoder_hidden_states", ["unet_batch", 77, 32])], {"unet_batch": [1, 2]})
+    assert _dim_ranges(unet) == {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
+                                 "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}
+    assert _dim_ranges(_component([], {})) is None
+    with pytest.raises(EngineFolderError, match=r"components\.unet\.dim_values lacks the sizes of unet_batch"):
+        _component([("sample", ["unet_batch", 4])], {}).dim_values
 
 
 def test_no_gpu_imports():

@@ -125,7 +125,7 @@ def test_missing_weights_come_from_the_pristine_base(gpu_standin_modules, tiny_r
     feeds = {"sample": np.ones((1, 4, 16, 16), np.float32), "timestep": np.array([500], np.float32),
              "encoder_hidden_states": np.ones((1, 77, 32), np.float32)}
     before = unet.run(feeds)["noise_pred"]
-    base = load_file(folder / unet.entry["refit"]["base"])[names[0]]
+    base = load_file(folder / unet.entry.refit_base)[names[0]]
     unet.refit({names[0]: base * 0})
     assert names[1] in unet._pristine and names[1] not in unet._values  # supplied from the base, not changed
     assert np.abs(unet.run(feeds)["noise_pred"] - before).max() > 1e-4
@@ -146,7 +146,7 @@ def test_failed_refit_keeps_previous_weights(gpu_standin_modules, trt_refit_fold
     monkeypatch.setattr(gpu_standin_modules.trt.Refitter, "refit_cuda_engine",
                         lambda self: bool(calls.append(1)) if len(calls) == 0 else real(self))
     with pytest.raises(BackendError, match="failed to refit"):
-        unet.refit({name: load_file(trt_refit_folder / unet.entry["refit"]["base"])[name] * 3})
+        unet.refit({name: load_file(trt_refit_folder / unet.entry.refit_base)[name] * 3})
     np.testing.assert_array_equal(unet.run(feeds)["noise_pred"], before)
     with pytest.raises(BackendError, match="not refittable"):
         unet.refit({"no.such.weight": np.zeros(1, np.float32)})

@@ -112,7 +112,7 @@ def test_random_seed_is_recorded_and_reproduces_the_image(pipe):
 
 def test_num_images_beyond_the_folder_batch(pipe):
     """Batch-1 folder, two images: run in two chunks; each image is the one its own latents give alone."""
-    assert pipe.shapes["batch"] == 1
+    assert pipe.shapes.batch == 1
     latents, step_noise = _draws(3, 4, num_images=2)
     two = pipe(PROMPT, num_inference_steps=4, num_images=2, latents=latents, step_noise=step_noise, output="np")
     assert two.shape == (2, TINY_HEIGHT, TINY_WIDTH, 3)
