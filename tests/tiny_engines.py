@@ -46,3 +46,19 @@ def diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, 
     assert next(draws, None) is None, "diffusers drew fewer noise arrays than steps - 1"
     monkeypatch.undo()
     return image
+
+
+def assert_swaps_match(pipe, reference, weights, atol, **call):
+    """Swap the style adapter to each of `weights` on both pipelines: the images agree within `atol` after each
+    swap and each swap moves the image (so a refit that never arrives fails). Returns the first image."""
+    import numpy as np
+
+    first = pipe(**call)
+    np.testing.assert_allclose(first, reference(**call), atol=atol, rtol=0)
+    for weight in weights:
+        pipe.set_adapters({"style": weight})
+        reference.set_adapters({"style": weight})
+        got = pipe(**call)
+        np.testing.assert_allclose(got, reference(**call), atol=atol, rtol=0)
+        assert np.abs(got - first).max() > 1e-3
+    return first

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny_engines import CROSS_GRAPH_ATOL, STYLE_WEIGHT
+from tiny_engines import CROSS_GRAPH_ATOL, STYLE_WEIGHT, assert_swaps_match
 
 from lcmrt import Pipeline
 from lcmrt.errors import AdapterError, BackendError, EngineFolderError
@@ -65,14 +65,7 @@ def test_eager_step_and_repeat(gpu_standin_modules, trt_engine_folder):
 def test_set_adapters_by_refit(gpu_standin_modules, trt_refit_folder):
     pipe = Pipeline.load(trt_refit_folder, backend="tensorrt")
     ref = Pipeline.load(trt_refit_folder, backend="onnxruntime-cpu")
-    first = pipe(**ARGS)
-    np.testing.assert_allclose(first, ref(**ARGS), atol=FP32_ENGINE_ATOL, rtol=0)
-    for weight in (0.0, 1.5):
-        pipe.set_adapters({"style": weight})
-        ref.set_adapters({"style": weight})
-        got = pipe(**ARGS)
-        np.testing.assert_allclose(got, ref(**ARGS), atol=FP32_ENGINE_ATOL, rtol=0)
-        assert np.abs(got - first).max() > 1e-3  # the adapter really changed
+    first = assert_swaps_match(pipe, ref, (0.0, 1.5), FP32_ENGINE_ATOL, **ARGS)
     pipe.set_adapters({"style": STYLE_WEIGHT})
     np.testing.assert_array_equal(pipe(**ARGS), first)  # refit from the pristine base: no drift
     assert pipe.sessions["unet"].weights_version == 4  # the load (style at 0.8), then three swaps

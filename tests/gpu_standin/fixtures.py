@@ -10,22 +10,22 @@ import pytest
 import gpu_standin
 
 
-@pytest.fixture
-def gpu_standin_modules(monkeypatch):
-    standin = gpu_standin.install(monkeypatch)
+def _checked(standin):
+    """Yield the installed stand-in; afterwards, fail the test if a contract violation was left recorded."""
     yield standin
     left = list(standin.violations)
     standin.contracts.reset()
     assert not left, f"GPU API contract violations: {left}"
+
+
+@pytest.fixture
+def gpu_standin_modules(monkeypatch):
+    yield from _checked(gpu_standin.install(monkeypatch))
 
 
 @pytest.fixture
 def ort_cuda_standin(monkeypatch):
-    standin = gpu_standin.install_ort_cuda(monkeypatch)
-    yield standin
-    left = list(standin.violations)
-    standin.contracts.reset()
-    assert not left, f"GPU API contract violations: {left}"
+    yield from _checked(gpu_standin.install_ort_cuda(monkeypatch))
 
 
 def _built(folder, tmp_path_factory, name):

@@ -3,7 +3,7 @@ CPU stand-in for the CUDA provider (tests/gpu_standin/onnxruntime_cuda.py): fixe
 graph id per shape set, refit by new session and by weight inputs, compared with the CPU backend."""
 import numpy as np
 import pytest
-from tiny_engines import CROSS_GRAPH_ATOL
+from tiny_engines import CROSS_GRAPH_ATOL, assert_swaps_match
 
 from lcmrt import Pipeline
 
@@ -29,11 +29,4 @@ def test_cuda_refit_matches_cpu(ort_cuda_standin, tiny_refit_engine, refit):
     """Issue 10: with refit="inputs" the device binding skipped the weight feeds (base weights, silently)."""
     cpu = Pipeline.load(tiny_refit_engine, backend="onnxruntime-cpu")
     cuda = Pipeline.load(tiny_refit_engine, backend="onnxruntime-cuda", refit=refit)
-    first = cuda(**ARGS)
-    np.testing.assert_allclose(first, cpu(**ARGS), atol=CROSS_GRAPH_ATOL, rtol=0)
-    for weight in (0.0, 1.3):
-        cuda.set_adapters({"style": weight})
-        cpu.set_adapters({"style": weight})
-        got = cuda(**ARGS)
-        np.testing.assert_allclose(got, cpu(**ARGS), atol=CROSS_GRAPH_ATOL, rtol=0)
-        assert np.abs(got - first).max() > 1e-3
+    assert_swaps_match(cuda, cpu, (0.0, 1.3), CROSS_GRAPH_ATOL, **ARGS)
