@@ -31,6 +31,7 @@ import numpy as np
 from lcmrt import bench
 from lcmrt.backends import BACKEND_NAMES, get_backend
 from lcmrt.errors import BackendError
+from lcmrt.manifest import read_manifest
 
 from . import prepare
 
@@ -211,10 +212,10 @@ def run_rounds(cases: list[Case], repeats: int, timeout: float, between_rounds) 
 
 # --- reporting -----------------------------------------------------------------------------------------
 
-def base_flops(manifest: dict) -> dict:
-    """FLOPs of one image, UNet unguided (the manifest's graphs are at the folder's batch)."""
+def base_flops(manifest) -> dict:
+    """FLOPs of one image, UNet unguided (the manifest's graphs are at the folder's batch); `manifest`: a Manifest."""
     f = bench.stage_flops(manifest, guided=False)
-    batch = manifest["shapes"]["batch"]
+    batch = manifest.shapes.batch
     return {"unet_step": f["unet_step"] / batch, "vae_decode": f["vae_decode"] / batch}
 
 
@@ -283,7 +284,7 @@ def goals(report: dict) -> dict:
     return out
 
 
-def build_report(args, cases: list[Case], notes: list[str], peaks: list[dict], manifest: dict) -> dict:
+def build_report(args, cases: list[Case], notes: list[str], peaks: list[dict], manifest) -> dict:
     peak = max(v for p in peaks for v in p.values())
     per_image = base_flops(manifest)
     report = {
@@ -403,8 +404,7 @@ def main(argv=None):
         peaks.append(gemm_peaks(args.gemm_size))
 
     run_rounds(cases, args.repeats, args.timeout, measure_peak)
-    manifest = json.loads((paths["folders"][1 if 1 in paths["folders"] else args.batch_sizes[0]]
-                           / "manifest.json").read_text())
+    manifest = read_manifest(paths["folders"][1 if 1 in paths["folders"] else args.batch_sizes[0]])
     report = build_report(args, cases, notes, peaks, manifest)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(report, indent=1))

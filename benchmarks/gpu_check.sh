@@ -92,7 +92,7 @@ for backend in sys.argv[2:]:
     row = {"backend": backend, "psnr_db": round(fid["psnr_db"], 2), "max_abs_diff": round(fid["max_abs_diff"], 4),
            "seconds": round(seconds, 4), "finite": bool(np.all(np.isfinite(image)))}
     # only refittable adapters can be swapped (the LCM-LoRA is fused): the style LoRA, built --refittable
-    built = {a["name"]: a["weight"] for a in pipe.manifest["adapters"] if not a["fused"]}
+    built = {a.name: a.weight for a in pipe.manifest.adapters if not a.fused}
     if built:
         swaps = []
         for weights in ({n: 0.0 for n in built}, {n: 1.0 for n in built}, built):

@@ -27,9 +27,9 @@ PRECISIONS = ("fp32", "int8")
 def unet_steps(folder: str, rounds: int) -> dict:
     """Both UNets loaded side by side (plain graphs, ONNX Runtime's default optimizations), run alternately."""
     from lcmrt.backends import get_backend
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import read_manifest
 
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     feeds = unet_feeds(manifest)
     sessions = {p: get_backend("onnxruntime", precision=p).load(Path(folder), manifest, "unet") for p in PRECISIONS}
     assert sessions["int8"].precision == "int8", f"{folder} has no int8 UNet: run lcmrt build --engines-only --int8"
@@ -63,7 +63,7 @@ def images(folder: str, steps: int, seed: int = 0) -> dict:
 def main() -> None:
     from lcmrt.backends.onnxruntime import cpu_graph_key
     from lcmrt.cpu import has_int8_vnni
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import INT8, read_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder")
@@ -72,9 +72,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    variant = load_manifest(args.folder)["components"]["unet"].get("variants", {}).get("int8")
-    if variant is None:
+    graph = read_manifest(args.folder).component("unet").variants.get(INT8)
+    if graph is None:
         raise SystemExit(f"{args.folder} has no int8 UNet: run `lcmrt build --engines-only {args.folder} --int8`.")
+    variant = graph.data
     cpu = cpu_graph_key()
     # peak RSS first, while this process is small
     result = {"cpu": cpu, "int8_vnni": has_int8_vnni(cpu["isa"]), "quantization": variant["quantization"],

@@ -45,13 +45,17 @@ def ensure_optimum_venv(log) -> str | None:
 
 
 def engine_folder_ok(folder: Path, height: int, width: int, batch: int, guidance_mode: str) -> bool:
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
+    """Is `folder` a readable engine folder with these shapes (and the cfg batch where guidance needs it)?"""
+    from lcmrt.errors import EngineFolderError
+    from lcmrt.manifest import read_manifest
+
+    try:
+        m = read_manifest(folder)
+    except EngineFolderError:
         return False
-    m = json.loads(manifest.read_text())
-    s = m["shapes"]
-    guided_ok = guidance_mode == "none" or m["guidance_mode"] == "cfg"
-    return (s["height"], s["width"], s["batch"]) == (height, width, batch) and guided_ok
+    s = m.shapes
+    guided_ok = guidance_mode == "none" or m.guidance_mode == "cfg"
+    return (s.height, s.width, s.batch) == (height, width, batch) and guided_ok
 
 
 def save_fused_diffusers(model: Path, lcm_lora: Path, out: Path) -> None:

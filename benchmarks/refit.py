@@ -32,10 +32,10 @@ def _load(name: str, fused_dir: str, refit_dir: str):
     folder's whole pipeline in a refit mode (it applies the built weight, 0.8, while loading)."""
     import lcmrt
     from lcmrt.backends import get_backend
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import read_manifest
 
     if name == "fused":
-        return get_backend("onnxruntime").load(Path(fused_dir), load_manifest(fused_dir), "unet"), None
+        return get_backend("onnxruntime").load(Path(fused_dir), read_manifest(fused_dir), "unet"), None
     pipe = lcmrt.Pipeline.load(refit_dir, refit=name.removeprefix("refit-"))
     return pipe.sessions["unet"], pipe
 
@@ -46,9 +46,9 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 
     in turn (holding two full-size folders at once needs ~16 GB), then swap timings per mode."""
     import gc
 
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import read_manifest
 
-    feeds = unet_feeds(load_manifest(fused_dir))
+    feeds = unet_feeds(read_manifest(fused_dir))
     times = {name: [] for name in contenders}
     load_s = {name: [] for name in contenders}
     outputs, swaps = {}, {}

@@ -30,16 +30,18 @@ import onnxruntime as ort
 STRATEGIES = ("session", "inputs", "low-rank")
 
 
-def unet_feeds(manifest: dict) -> dict:
-    """Random UNet inputs of a folder's static shapes (batch 1, conditional only)."""
-    s = manifest["shapes"]
-    hidden = next(i["shape"][-1] for i in manifest["components"]["unet"]["inputs"]
-                  if i["name"] == "encoder_hidden_states")
+def unet_feeds(manifest) -> dict:
+    """Random UNet inputs of a folder's static shapes (batch 1, conditional only); `manifest`: a Manifest."""
+    from lcmrt.manifest import Manifest
+
+    manifest = Manifest.of(manifest)
+    s = manifest.shapes
+    hidden = next(i.shape[-1] for i in manifest.component("unet").inputs if i.name == "encoder_hidden_states")
     rng = np.random.default_rng(0)
-    return {"sample": rng.standard_normal((s["batch"], s["latent_channels"], s["latent_height"], s["latent_width"]),
+    return {"sample": rng.standard_normal((s.batch, s.latent_channels, s.latent_height, s.latent_width),
                                           dtype=np.float32),
             "timestep": np.array([759.0], dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((s["batch"], s["text_length"], hidden), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((s.batch, s.text_length, hidden), dtype=np.float32)}
 
 
 def _session(path: Path) -> tuple[ort.InferenceSession, float]:
@@ -106,10 +108,10 @@ def main():
     args = parser.parse_args()
 
     from lcmrt.adapters import AdapterBank
-    from lcmrt.manifest import load_manifest
+    from lcmrt.manifest import read_manifest
 
     refit_dir = Path(args.refit)
-    manifest = load_manifest(refit_dir)
+    manifest = read_manifest(refit_dir)
     bank = AdapterBank(refit_dir, manifest)
     fused, fused_create = _session(Path(args.fused) / "unet.onnx")
     feeds = unet_feeds(manifest)
@@ -131,7 +133,7 @@ def main():
             path.unlink()
     if "low-rank" in args.only:  # the swap writes the small factors; every run computes the branch
         with tempfile.TemporaryDirectory(dir=refit_dir.parent) as tmp:
-            session, _ = _session(lowrank_graph(args.model, args.lcm_lora, args.lora, manifest["shapes"], Path(tmp)))
+            session, _ = _session(lowrank_graph(args.model, args.lcm_lora, args.lora, manifest.data["shapes"], Path(tmp)))
             pack = bank.pack("style")
             result["low-rank"] = {"extra_params": int(sum(d.size + u.size for d, u, _ in pack.values())),
                                   **_alternate(fused, session, feeds, feeds, args.repeats)}
