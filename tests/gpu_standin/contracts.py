@@ -1,7 +1,7 @@
 """Contract violations of the GPU stand-in: raised where they happen and also recorded, so that a violation
 the code under test swallows (e.g. an `except Exception` around CUDA-graph capture) still fails the test.
 
-Each rule cites where it comes from (/work/shared/GPU-NOTES.md, TensorRT/CuPy/ONNX Runtime docs)."""
+Each rule cites where it comes from: TensorRT's, CuPy's and ONNX Runtime's documentation."""
 from __future__ import annotations
 
 import contextlib

@@ -2,7 +2,7 @@
 provider list, sessions created with ("CUDAExecutionProvider", options), OrtValues on device "cuda", I/O
 binding and `run_with_iobinding` with `gpu_graph_id`. Sessions run on the CPU provider. Tests only.
 
-Contracts enforced (GPU-NOTES.md section 5, ONNX Runtime's CUDA provider docs): with `enable_cuda_graph`,
+Contracts enforced (ONNX Runtime's CUDA provider documentation, CUDA graphs): with `enable_cuda_graph`,
 `run()` without I/O binding is an error; every bound value must be a "cuda" OrtValue; `gpu_graph_id` 0 is the
 user's to avoid (and "-1" disables capture); the first run of a graph id captures it, and later runs of that id
 must bind the same OrtValues with the same shapes (a replay reads the buffers captured); `update_inplace`

@@ -6,7 +6,7 @@ The "plan" is a header (JSON: version, flags, marked/refittable weights, optimiz
 followed by the ONNX graph with its weights inline; the engine runs it with ONNX Runtime on the CPU, reading
 and writing the stand-in CuPy buffers its tensor addresses point to.
 
-Contracts enforced (ContractViolation; GPU-NOTES.md sections 1-3 and TensorRT's NvInferRuntime.h):
+Contracts enforced (ContractViolation; TensorRT's Python API documentation and NvInferRuntime.h):
 - build: REFIT together with REFIT_INDIVIDUAL or REFIT_IDENTICAL; precision flags (FP16) on a strongly typed
   network; a graph with a varying dimension and no optimization profile, or a profile that does not cover it;
   the timing cache set on the config must come from that config.
@@ -80,7 +80,7 @@ class TensorLocation(enum.Enum):
 
 def _builder_flags(version: str):
     names = ["REFIT", "REFIT_IDENTICAL", "REFIT_INDIVIDUAL", "STRIP_PLAN", "VERSION_COMPATIBLE", "GPU_FALLBACK"]
-    if int(version.split(".")[0]) < 11:  # removed in TensorRT 11 (GPU-NOTES.md section 0)
+    if int(version.split(".")[0]) < 11:  # removed in TensorRT 11 (its release notes)
         names += ["FP16", "INT8", "BF16", "OBEY_PRECISION_CONSTRAINTS"]
     return enum.Enum("BuilderFlag", names)
 
@@ -417,7 +417,7 @@ class IExecutionContext:
         def run():
             if capturing and engine.weights_version != version:
                 raise violate("a CUDA graph captured before a refit of its engine was replayed: re-capture after "
-                              "refitting (GPU-NOTES.md: whether graphs see refitted weights is undocumented).")
+                              "refitting (TensorRT does not document whether captured graphs see refitted weights).")
             session = engine.session()
             feeds = {n: views[n].copy() for n, s in engine._io.items() if s["mode"] == "INPUT"}
             names = [n for n, s in engine._io.items() if s["mode"] == "OUTPUT"]
