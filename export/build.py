@@ -16,7 +16,7 @@ from .. import __version__
 from ..engines.build import EngineRequest, add_engines, check_engine_request
 from ..errors import InputError
 from ..families import get_family
-from ..manifest import FORMAT_VERSION, write_manifest
+from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
 from ..progress import Stages
 
 GUIDANCE_MODES = ("none", "cfg")
@@ -65,6 +65,10 @@ def check_request(req: BuildRequest) -> None:
         raise InputError(f"--guidance-mode {req.guidance_mode!r} is not one of {', '.join(GUIDANCE_MODES)}.")
     if req.out.exists() and not req.overwrite:
         raise InputError(f"{req.out} already exists. Pass --overwrite to replace it, or choose another --out.")
+    if req.out.exists():
+        check_replaceable(req.out, [Path(req.model), *(Path(s.path) for s in [req.lcm_lora, *req.loras]),
+                                    *([Path(req.config)] if req.config else []),
+                                    *([Path(req.vae_decoder)] if req.vae_decoder else [])])
     for spec in [req.lcm_lora, *req.loras]:
         if not Path(spec.path).is_file():
             raise InputError(f"LoRA file {spec.path} does not exist.")
@@ -99,6 +103,20 @@ def check_tiny_vae_folder(path: Path, allow_pickle: bool = False) -> None:
                          + f". {hint}")
 
 
+def check_replaceable(out: Path, inputs: list[Path]) -> None:
+    """`--overwrite` deletes `out`: allow it only for an engine folder (one with an lcmrt manifest) that holds
+    none of the build's inputs, so a typo cannot delete a user's documents or the model being built."""
+    out = Path(out)
+    if out.is_symlink() or not out.is_dir() or not (out / MANIFEST_NAME).is_file():
+        raise InputError(f"--overwrite only replaces an lcmrt engine folder, and {out} is not one (no "
+                         f"{MANIFEST_NAME}). Choose another --out, or remove {out} yourself if it is yours to delete.")
+    resolved = out.resolve()
+    for path in inputs:
+        if path.exists() and resolved in (path.resolve(), *path.resolve().parents):
+            raise InputError(f"--out {out} holds the build's input {path}: replacing it would delete that input. "
+                             "Choose another --out.")
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool):
     """Yield a hidden sibling folder to build in; on success it replaces `out`, on any failure it is removed."""
@@ -112,6 +130,7 @@ def atomic_folder(out: Path, overwrite: bool):
         if out.exists():
             if not overwrite:
                 raise InputError(f"{out} appeared while building. Pass --overwrite to replace it.")
+            check_replaceable(out, [])  # it may have changed while building
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)

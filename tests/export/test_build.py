@@ -523,3 +523,39 @@ def test_build_request_checks_engine_options_before_exporting(tiny_model, tmp_pa
         with pytest.raises(BackendError, match="needs TensorRT and CuPy"):
             build_tiny_engine(tiny_model, tmp_path / "c", engines=EngineRequest(backend="tensorrt"))
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------- --overwrite replaces engine folders only
+
+def _build_cli(tiny_model, out, lcm_lora=None):
+    from click.testing import CliRunner
+
+    from lcmrt.cli import cli
+
+    return CliRunner().invoke(cli, ["build", str(tiny_model["model"]), "--lcm-lora", str(lcm_lora or tiny_model["lcm_lora"]),
+                                    "--height", "64", "--width", "64", "--out", str(out), "--overwrite"])
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): sha256(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_engine_folder(tiny_model, tmp_path):
+    out = tmp_path / "documents"
+    (out / "taxes").mkdir(parents=True)
+    (out / "taxes" / "2026.txt").write_text("keep me")
+    before = _tree(out)
+    result = _build_cli(tiny_model, out)
+    assert result.exit_code == 2 and "--overwrite only replaces an lcmrt engine folder" in result.output
+    assert _tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["documents"]
+
+
+def test_overwrite_refuses_an_engine_folder_holding_an_input(tiny_model, tiny_engine, tmp_path):
+    out = tmp_path / "engine"
+    shutil.copytree(tiny_engine, out)
+    lora = out / "lcm-lora.safetensors"
+    shutil.copy(tiny_model["lcm_lora"], lora)
+    before = _tree(out)
+    result = _build_cli(tiny_model, out, lcm_lora=lora)
+    assert result.exit_code == 2 and "holds the build's input" in result.output and str(lora) in result.output
+    assert _tree(out) == before
