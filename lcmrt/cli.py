@@ -219,7 +219,8 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
                   seed=seed, num_images=num_images)
     metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
                 "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
-                "backend": pipe.backend, "lcmrt_version": __version__}
+                "backend": pipe.backend, "lcmrt_version": __version__,
+                "precision": {name: session.precision for name, session in pipe.sessions.items()}}
     paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
                                                for i in range(len(images))]
     for image, path in zip(images, paths):

@@ -16,7 +16,7 @@ import numpy as np
 
 from .adapters import AdapterBank
 from .backends import get_backend
-from .errors import AdapterError, GenerationError, InputError
+from .errors import AdapterError, EngineFolderError, GenerationError, InputError
 from .images import to_pil
 from .manifest import Manifest, read_manifest
 from .sampler import LCMSampler
@@ -61,6 +61,12 @@ class Pipeline:
         sessions = {}
         for name in RUNTIME_COMPONENTS:
             sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
+        precision = backend_options.get("precision")
+        if precision not in (None, "fp32") and all(s.precision != precision for s in sessions.values()):
+            flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, f"--{precision}")
+            raise EngineFolderError(f"{folder} has no {precision} graphs, so precision={precision!r} would run fp32. "
+                                    f"Add them with `lcmrt build --engines-only {folder} {flag}`, or load it without "
+                                    "precision.")
         tok = manifest.tokenizer
         tokenizer = PromptTokenizer(folder / tok.path, max_length=tok.max_length, pad_token_id=tok.pad_token_id)
         return cls(folder, manifest, sessions, tokenizer, engine.name, bank, active)

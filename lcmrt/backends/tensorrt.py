@@ -44,7 +44,8 @@ DEVICE_COEFFICIENTS = ("x0_from_sample", "x0_from_output", "x0_divisor", "c_skip
                        "sqrt_alpha_next", "sqrt_beta_next")
 # `precision=` as `lcmrt generate --precision` passes it: an engine's precision is fixed when it is built
 # (fp16 engines come from the fp16 graphs, components without one get an fp32 engine), so "fp16" (or None)
-# takes the engines as built and "fp32" insists on fp32 engines; TensorRT engines here are never int8.
+# takes the engines as built (Pipeline.load refuses "fp16" when no engine is fp16) and "fp32" insists on fp32
+# engines; TensorRT engines here are never int8.
 PRECISIONS = (None, "fp16", "fp32")
 INSTALL_HINT = ('Install the GPU extra on the GPU machine: `pip install "lcmrt[gpu]"` (TensorRT, CuPy, '
                 "ONNX Runtime GPU); on Jetson use JetPack's TensorRT and a CuPy wheel for its CUDA.")

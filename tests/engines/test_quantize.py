@@ -155,9 +155,24 @@ def test_int8_graph_hash_is_verified(int8_engine, tmp_path):
         lcmrt.Pipeline.load(folder, backend="onnxruntime", precision="int8")
 
 
-def test_without_int8_variants_int8_runs_fp32(tiny_engine):
-    pipe = lcmrt.Pipeline.load(tiny_engine, backend="onnxruntime", precision="int8")
-    assert all(s.precision == "fp32" for s in pipe.sessions.values())
+def test_int8_on_a_folder_without_int8_graphs_is_an_error(tiny_engine, tmp_path):
+    """It used to run fp32 and record nothing (issue 11)."""
+    with pytest.raises(EngineFolderError, match=r"has no int8 graphs.*lcmrt build --engines-only .* --int8"):
+        lcmrt.Pipeline.load(tiny_engine, backend="onnxruntime", precision="int8")
+    result = CliRunner().invoke(cli, ["generate", str(tiny_engine), "a fox", "--precision", "int8",
+                                      "-o", str(tmp_path / "fox.png")])
+    assert result.exit_code != 0 and "has no int8 graphs" in result.output
+    assert not (tmp_path / "fox.png").exists()
+
+
+def test_png_records_the_precision_that_ran(int8_engine, tmp_path):
+    from lcmrt.images import read_png_metadata
+
+    result = CliRunner().invoke(cli, ["generate", str(int8_engine), "a fox", "--precision", "int8", "--steps", "2",
+                                      "-o", str(tmp_path / "fox.png")])
+    assert result.exit_code == 0, result.output
+    assert read_png_metadata(tmp_path / "fox.png")["precision"] == {
+        "text_encoder": "fp32", "unet": "int8", "vae_decoder": "fp32"}
 
 
 def test_refit_and_missing_components_are_refused(tiny_refit_engine, tiny_engine):

@@ -97,9 +97,11 @@ def test_refit_needs_a_refittable_engine(gpu_standin_modules, trt_engine_folder)
 
 def test_precision_option(gpu_standin_modules, trt_engine_folder):
     """Issue 10: `lcmrt generate --precision` reaches TensorRTBackend, which had no such parameter."""
-    for precision in ("fp16", "fp32"):
+    for precision in (None, "fp32"):
         pipe = Pipeline.load(trt_engine_folder, backend="tensorrt", precision=precision)
         assert pipe.sessions["unet"].precision == "fp32"
+    with pytest.raises(EngineFolderError, match="has no fp16 graphs"):  # the folder's engines are all fp32
+        Pipeline.load(trt_engine_folder, backend="tensorrt", precision="fp16")
     with pytest.raises(BackendError, match="precision"):
         Pipeline.load(trt_engine_folder, backend="tensorrt", precision="int8")
 
