@@ -182,3 +182,19 @@ def test_no_gpu_is_a_clear_error(gpu_standin_modules):
 
     with pytest.raises(BackendError, match="No usable CUDA GPU 3"):
         TensorRTBackend(device_id=3)
+
+
+def test_fp16_engines_and_precision(gpu_standin_modules, tiny_engine, tmp_path):
+    """fp16 engines built from the fp16 graphs run with precision fp16 (or unset) and are refused for fp32."""
+    from lcmrt.engines.build import EngineRequest, add_engines
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(tiny_engine, folder)
+    add_engines(folder, EngineRequest(backend="tensorrt", ort_cpu_graphs=False, workspace="256M"))
+    fp16 = Pipeline.load(folder, backend="tensorrt", precision="fp16")
+    assert fp16.sessions["unet"].precision == "fp16" and fp16.sessions["vae_decoder"].precision == "fp32"
+    ref = Pipeline.load(folder, backend="onnxruntime-cpu")
+    image = fp16(**ARGS)
+    assert np.isfinite(image).all() and 0 < np.abs(image - ref(**ARGS)).max() < 0.05  # fp16 storage, not fp32
+    with pytest.raises(BackendError, match="precision fp32 was asked for.*--engines-only"):
+        Pipeline.load(folder, backend="tensorrt", precision="fp32")
