@@ -198,3 +198,17 @@ def test_fp16_engines_and_precision(gpu_standin_modules, tiny_engine, tmp_path):
     assert np.isfinite(image).all() and 0 < np.abs(image - ref(**ARGS)).max() < 0.05  # fp16 storage, not fp32
     with pytest.raises(BackendError, match="precision fp32 was asked for.*--engines-only"):
         Pipeline.load(folder, backend="tensorrt", precision="fp32")
+
+
+def test_unloadable_plan_names_the_rebuild(gpu_standin_modules, trt_engine_folder, tmp_path):
+    """A plan TensorRT cannot deserialize (hash checks off, so it reaches TensorRT) is a BackendError naming the
+    file and the rebuild command."""
+    from lcmrt.backends.tensorrt import TensorRTBackend
+
+    folder = tmp_path / "engine"
+    shutil.copytree(trt_engine_folder, folder)
+    manifest = load_manifest(folder)
+    plan = next(folder / e["file"] for e in manifest["engines"] if e["component"] == "unet")
+    plan.write_bytes(b"not a plan")
+    with pytest.raises(BackendError, match=rf"could not load {plan.relative_to(folder)}.*--engines-only"):
+        TensorRTBackend(verify_plans=False).load(folder, manifest, "unet")
