@@ -28,7 +28,8 @@ from pathlib import Path
 from ..backends.engine_keys import (EngineKey, engine_entry, rebuild_command, replace_engine_entries,
                                     source_graph)
 from ..errors import BackendError, EngineFolderError, InputError
-from ..manifest import FP16, FP32, Component, Manifest, file_sha256, read_manifest, write_manifest
+from ..folder_update import commit
+from ..manifest import FP16, FP32, Component, Manifest, file_sha256, read_manifest
 
 MIN_TRT = (10, 0)  # execute_async_v3 / named tensors / build_serialized_network only (GPU-NOTES.md, section 0)
 REFIT_INDIVIDUAL_SINCE = (10, 2)
@@ -280,7 +281,8 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
         if targets:
             base = folder / key.refit_base_path(component)
             unmatched = save_refit_base(folder / graph_file, report.refittable, base)
-            extra["refit"] = {"base": key.refit_base_path(component), "marked": len(report.marked),
+            extra["refit"] = {"base": key.refit_base_path(component), "sha256": file_sha256(base),
+                              "marked": len(report.marked),
                               "not_marked": report.not_marked, "refittable": len(report.refittable),
                               "not_in_graph": unmatched}
             if report.not_marked:
@@ -289,7 +291,7 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
         entries.append(engine_entry(key, component, graph_file, graph_sha, file_sha256(plan_path),
                                     options.precision, **extra))
     manifest.set_engines(replace_engine_entries([e.data for e in manifest.engines], entries))
-    write_manifest(folder, manifest)
+    commit(folder, manifest)
     return entries
 
 

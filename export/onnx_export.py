@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..engines.graphs import save_graph
 from ..errors import ExportError
-from ..manifest import TOKENIZER_DIR, file_sha256
+from ..manifest import TOKENIZER_DIR, TOKENIZER_FILE, file_sha256
 
 # opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
 OPSET = 18
@@ -221,6 +221,8 @@ def copy_tokenizer(tokenizer, out_dir: Path) -> dict:
         shutil.rmtree(target)
         raise ExportError("The model's tokenizer could not be saved as tokenizer.json (a fast tokenizer is "
                           "needed by the runtime). Use a model whose tokenizer folder has tokenizer.json.")
-    return {"path": TOKENIZER_DIR, "max_length": int(tokenizer.model_max_length),
+    file = f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"
+    return {"path": TOKENIZER_DIR, "sha256": {file: file_sha256(out_dir / file)},
+            "max_length": int(tokenizer.model_max_length),
             "pad_token_id": int(tokenizer.pad_token_id), "bos_token_id": int(tokenizer.bos_token_id),
             "eos_token_id": int(tokenizer.eos_token_id)}

@@ -16,7 +16,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .errors import AdapterError, EngineFolderError
-from .manifest import REFIT_FIX, Manifest
+from .manifest import REFIT_FIX, Manifest, folder_file, verify_files
+
+READD = "Re-add the adapter with `lcmrt adapter add`."
 
 
 class AdapterBank:
@@ -58,17 +60,19 @@ class AdapterBank:
         if name not in self._packs:
             if self.refittable[name].pack is None:
                 raise AdapterError(f"Adapter {name!r} of {self.folder} has no pack. Re-add it with `lcmrt adapter add`.")
-            path = self.folder / self.refittable[name].pack
-            if not path.is_file():
-                raise AdapterError(f"Adapter pack {path} is missing. Re-add it with `lcmrt adapter add`.")
+            adapter = self.refittable[name]
+            try:
+                verify_files(self.folder, {adapter.pack: adapter.pack_sha256}, READD)
+            except EngineFolderError as e:
+                raise AdapterError(f"Adapter {name!r}: {e}") from None
+            path = folder_file(self.folder, adapter.pack)
             try:
                 tensors = load_file(str(path))
                 modules = {key[: -len(".down")] for key in tensors if key.endswith(".down")}
-                self._packs[name] = {m: (tensors[f"{m}.down"], tensors[f"{m}.up"], float(tensors[f"{m}.scale"][0]))
-                                     for m in modules}
+                self._packs[name] = {m: _factors(tensors, m) for m in modules}
             except Exception as e:  # safetensors raises its own error type; a truncated pack lacks keys
                 raise AdapterError(f"Adapter pack {path} of {name!r} is damaged ({type(e).__name__}: {e}). "
-                                   "Re-add it with `lcmrt adapter add`.") from e
+                                   f"{READD}") from e
             unmapped = sorted(set(self._packs[name]) - set(self.refit_map))
             if unmapped:
                 del self._packs[name]
@@ -84,8 +88,13 @@ class AdapterBank:
                 raise EngineFolderError(f"The refit map of {self.folder} does not say where {module}'s weight is "
                                         f"stored. {REFIT_FIX}")
             shape = entry.shape[::-1] if entry.transpose else entry.shape
-            self._base[module] = np.memmap(self.folder / entry.file, dtype=np.dtype(entry.dtype), mode="r",
-                                           offset=entry.offset, shape=tuple(shape))
+            verify_files(self.folder, {entry.file: entry.file_sha256})
+            path = folder_file(self.folder, entry.file)
+            if entry.offset + entry.length > path.stat().st_size:
+                raise EngineFolderError(f"The refit map of {self.folder} places {module}'s weight at bytes "
+                                        f"{entry.offset}+{entry.length}, past the end of {entry.file}. {REFIT_FIX}")
+            self._base[module] = np.memmap(path, dtype=np.dtype(entry.dtype), mode="r", offset=entry.offset,
+                                           shape=tuple(shape))
         return self._base[module]
 
     def _contributions(self, active: dict[str, float]) -> dict[str, tuple]:
@@ -116,6 +125,10 @@ class AdapterBank:
         total = None
         for name, weight in contributions:
             down, up, scale = self.pack(name)[module]
+            if up.shape[0] * math.prod(down.shape[1:]) != base.size:
+                raise AdapterError(f"Adapter {name!r} changes {module} with factors {list(up.shape)} x "
+                                   f"{list(down.shape)}, which do not make its {list(entry.shape)} weight. Re-add it "
+                                   "with `lcmrt adapter add`.")
             up = up.reshape(up.shape[0], -1) * np.float32(weight * scale)  # [out, r]: scaling the small factor
             down = down.reshape(down.shape[0], -1)  # [r, in*kh*kw]
             # straight into the graph's layout: a transposed weight gets down^T @ up^T (BLAS transposes for free)
@@ -123,3 +136,16 @@ class AdapterBank:
             total = delta if total is None else np.add(total, delta, out=total)
         total = total.reshape(base.shape)
         return np.add(total, base, out=total)
+
+
+def _factors(tensors: dict, module: str) -> tuple:
+    """(down [r, ...], up [out, r, ...], scale) of one module of a pack, checked to be a finite float32 low-rank
+    pair (a pack from another tool, or damaged, fails here rather than as a wrong image)."""
+    down, up, scale = tensors[f"{module}.down"], tensors[f"{module}.up"], tensors[f"{module}.scale"]
+    rank = down.shape[0] if down.ndim >= 2 else 0
+    if (any(a.dtype != np.float32 for a in (down, up, scale)) or scale.shape != (1,) or rank < 1
+            or up.ndim != down.ndim or up.shape[1] != rank
+            or not all(np.isfinite(a).all() for a in (down, up, scale))):
+        raise ValueError(f"{module}: down {list(down.shape)} {down.dtype}, up {list(up.shape)} {up.dtype}, scale "
+                         f"{list(scale.shape)} are not a finite float32 LoRA pair of rank >= 1")
+    return down, up, float(scale[0])

@@ -21,6 +21,7 @@ from .errors import EngineFolderError
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer the runtime reads (the folder also keeps the vocab files)
 ADAPTER_DIR = "adapters"  # adapters/NAME.safetensors: one refittable adapter's low-rank factors
 # Graph variants of a component (components[c]["variants"][NAME]), each a file `<component>.<NAME>.onnx`.
 FP32, FP16, INT8 = "fp32", "fp16", "int8"
@@ -36,12 +37,21 @@ PLAN_SUFFIX = ".plan"
 REFIT_BASE_SUFFIX = ".refit-base.safetensors"
 TIMING_CACHE_NAME = "timing.cache"
 TRT_CACHE_DIR = "ort-trt-cache"  # TensorRT engines belong to one GPU and version
+MAX_NAME_BYTES = 255  # one part of a file name, as ext4, APFS and NTFS allow
 # Files already hashed on this machine, keyed by path with (device, inode, size, mtime): a later load only
 # stats them. Hashing a full-size folder's 4 GB takes seconds; a modified file gets a new mtime.
 VERIFIED_CACHE = Path(os.environ.get("LCMRT_CACHE_DIR", Path.home() / ".cache" / "lcmrt")) / "verified.json"
+# Upper bounds of a folder's static shapes: beyond any model lcmrt builds, low enough that a damaged manifest
+# cannot make the runtime allocate absurd arrays. Every SD family's VAE scales images by 8 to latents.
+SHAPE_LIMITS = {"batch": 64, "height": 8192, "width": 8192, "latent_channels": 64, "latent_height": 1024,
+                "latent_width": 1024, "text_length": 1024}
+LATENT_SCALE = 8
 # Bump when a reader of the previous format would misread a new folder.
 FORMAT_VERSION = 1
 _HASH_CHUNK = 16 << 20
+REBUILD = "Rebuild the folder with `lcmrt build`."
+REFIT_FIX = ("Rebuild the folder with `lcmrt build ... --refittable`, or re-add the adapter with "
+             "`lcmrt adapter add`.")
 
 
 def variant_file(component: str, variant: str) -> str:
@@ -110,8 +120,14 @@ def read_manifest(folder: str | Path) -> "Manifest":
             "Build one with `lcmrt build MODEL --lcm-lora LORA --out DIR`.")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineFolderError(f"{path} is not valid JSON ({e}). Rebuild the folder with `lcmrt build`.") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an integer too long to read
+        raise EngineFolderError(f"{path} is not valid JSON ({str(e)[:200]}). "
+                                "Rebuild the folder with `lcmrt build`.") from None
+    try:  # a lone surrogate ("\\ud800") is valid JSON but no text: it could not be printed or used as a name
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise EngineFolderError(f"{path} holds a string that is not valid Unicode (a lone surrogate escape). "
+                                "Rebuild the folder with `lcmrt build`.") from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if not _KINDS[int][1](version):
         raise EngineFolderError(f"{path} has no integer format_version; it was not written by `lcmrt build`.")
@@ -127,35 +143,53 @@ def load_manifest(folder: str | Path) -> dict:
     return read_manifest(folder).data
 
 
-def verify_component(folder: str | Path, manifest: "Manifest | dict", component: str, variant: str = FP32) -> Path:
-    """Check that a component's graph files exist and hash to what the build recorded; return the graph path."""
+def folder_file(folder: str | Path, name: str) -> Path:
+    """The path of `name` inside the engine folder, refusing one that leads out of it through a symlink
+    (manifest names are already checked to be plain relative names)."""
     folder = Path(folder)
-    graph = Manifest.of(manifest).component(component).graph(variant)
-    for name, expected in graph.sha256.items():
-        path = folder / name
+    path = folder / _inside(name, "a file name", REBUILD)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise EngineFolderError(f"{path} is a link to {path.resolve()}, outside the engine folder: lcmrt reads only "
+                                f"files inside it. Replace the link with the file itself. {REBUILD}")
+    return path
+
+
+def verify_files(folder: str | Path, hashes: dict[str, str], fix: str = REBUILD) -> None:
+    """Check that each file exists inside the folder and hashes to what the build recorded."""
+    for name, expected in hashes.items():
+        path = folder_file(folder, name)
         if not path.is_file():
-            raise EngineFolderError(
-                f"{path} is missing from the engine folder. Rebuild the folder with `lcmrt build`.")
+            raise EngineFolderError(f"{path} is missing from the engine folder. {fix}")
         if not _matches(path, expected):
             raise EngineFolderError(
-                f"{path} does not match the hash recorded at build time: the file was modified or "
-                "truncated. Rebuild the folder with `lcmrt build`.")
-    return folder / graph.file
+                f"{path} does not match the hash recorded at build time: the file was modified or truncated. {fix}")
+
+
+def verify_component(folder: str | Path, manifest: "Manifest | dict", component: str, variant: str = FP32) -> Path:
+    """Check that a component's graph files exist and hash to what the build recorded; return the graph path."""
+    graph = Manifest.of(manifest).component(component).graph(variant)
+    verify_files(folder, graph.sha256)
+    return folder_file(folder, graph.file)
 
 
 # --- typed, read-only view ------------------------------------------------------------------------------
-REBUILD = "Rebuild the folder with `lcmrt build`."
-REFIT_FIX = ("Rebuild the folder with `lcmrt build ... --refittable`, or re-add the adapter with "
-             "`lcmrt adapter add`.")
 _REQUIRED = object()
 _KINDS = {  # JSON type -> (words for an error, check); bool is not a number in the manifest
     str: ("a string", lambda v: isinstance(v, str)),
     int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)),
     bool: ("true or false", lambda v: isinstance(v, bool)),
     dict: ("an object", lambda v: isinstance(v, dict)),
     list: ("a list", lambda v: isinstance(v, list)),
 }
+
+
+def _finite(number: int | float) -> bool:
+    """A number that converts to a finite float (a JSON integer may be too large for one)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def _error(path: str, problem: str, fix: str) -> EngineFolderError:
@@ -185,10 +219,35 @@ def _list_of(obj: dict, key: str, kind, path: str, default=_REQUIRED, fix: str =
 
 
 def _inside(name: str, path: str, fix: str) -> str:
-    """A file name inside the engine folder: relative, never leaving it."""
-    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise _error(path, f"is {name!r}, not a file inside the engine folder", fix)
+    """A file name inside the engine folder: relative, never leaving it, no empty or current-folder parts, each
+    part a name the file system can hold (UTF-8, at most 255 bytes)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or not _storable(p) for p in parts) or "\\" in name or "\0" in name \
+            or Path(name).is_absolute():
+        raise _error(path, f"is {json.dumps(name)[:80]}, not a plain file name inside the engine folder", fix)
     return name
+
+
+def _storable(part: str) -> bool:
+    try:
+        return len(part.encode()) <= MAX_NAME_BYTES
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON) names no file
+        return False
+
+
+def _hashes(obj: dict, key: str, path: str, fix: str = REBUILD) -> dict[str, str]:
+    """{file name inside the folder: sha256 hex digest}."""
+    hashes = _field(obj, key, dict, path, fix=fix)
+    for name, digest in hashes.items():
+        _inside(name, f"{path}.{key} key", fix)
+        _digest(digest, f"{path}.{key}.{name}", fix)
+    return dict(hashes)
+
+
+def _digest(value, path: str, fix: str = REBUILD) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise _error(path, f"is {json.dumps(value)[:80]}, not a sha256 hex digest", fix)
+    return value
 
 
 def _relative_file(obj: dict, key: str, path: str, default=_REQUIRED, fix: str = REBUILD) -> str | None:
@@ -227,12 +286,10 @@ class Variant:
     @classmethod
     def parse(cls, name: str, d, path: str, precision: str) -> "Variant":
         file = _relative_file(d, "file", path)
-        hashes = _field(d, "sha256", dict, path)
-        for f, digest in hashes.items():
-            _check(digest, str, f"{path}.sha256.{_inside(f, f'{path}.sha256 key', REBUILD)}")
+        hashes = _hashes(d, "sha256", path)
         if file not in hashes:
             raise _error(f"{path}.sha256", f"has no hash of its graph {file!r}", REBUILD)
-        return cls(name, file, dict(hashes), _field(d, "precision", str, path, precision),
+        return cls(name, file, hashes, _field(d, "precision", str, path, precision),
                    _list_of(d, "weight_inputs", str, path, ()), _field(d, "key", dict, path, None), d)
 
 
@@ -300,9 +357,18 @@ class Shapes:
     def parse(cls, d) -> "Shapes":
         sizes = {f.name: _field(d, f.name, int, "shapes") for f in fields(cls) if f.name != "unet_batch_sizes"}
         unet = _list_of(d, "unet_batch_sizes", int, "shapes")
-        if min((*sizes.values(), *unet), default=0) < 1 or not unet:
-            raise _error("shapes", f"has a size below 1 ({json.dumps(d)[:80]})", REBUILD)
-        return cls(**sizes, unet_batch_sizes=unet)
+        for name, value in (*sizes.items(), *((f"unet_batch_sizes[{i}]", n) for i, n in enumerate(unet))):
+            top = SHAPE_LIMITS.get(name, SHAPE_LIMITS["batch"] * 2 if name.startswith("unet") else None)
+            if not 1 <= value <= top:
+                raise _error(f"shapes.{name}", f"is {value}, outside 1..{top}", REBUILD)
+        shapes = cls(**sizes, unet_batch_sizes=unet)
+        if (shapes.latent_height * LATENT_SCALE, shapes.latent_width * LATENT_SCALE) != (shapes.height, shapes.width):
+            raise _error("shapes", f"has latents {shapes.latent_height}x{shapes.latent_width} for a "
+                                   f"{shapes.height}x{shapes.width} image (the VAE scales by {LATENT_SCALE})", REBUILD)
+        if not unet or not set(unet) <= {shapes.batch, 2 * shapes.batch}:
+            raise _error("shapes.unet_batch_sizes", f"is {list(unet)}; a batch of {shapes.batch} runs the UNet at "
+                                                    f"{shapes.batch} and, with guidance, {2 * shapes.batch}", REBUILD)
+        return shapes
 
 
 @dataclass(frozen=True)
@@ -313,13 +379,33 @@ class Adapter:
     fused: bool
     targets: tuple[str, ...]  # modules it changes (refittable adapters: keys of the refit map)
     pack: str | None  # adapters/NAME.safetensors, refittable adapters only
+    pack_sha256: str | None
     data: dict  # the raw record (role, path, format, modules, ranks)
 
     @classmethod
     def parse(cls, d, path: str) -> "Adapter":
         fused = _field(d, "fused", bool, path, fix=REFIT_FIX)
-        return cls(_field(d, "name", str, path, fix=REFIT_FIX), float(_field(d, "weight", float, path, fix=REFIT_FIX)),
-                   fused, _list_of(d, "targets", str, path, (), REFIT_FIX), _relative_file(d, "pack", path, None, REFIT_FIX), d)
+        name = _field(d, "name", str, path, fix=REFIT_FIX)
+        if problem := adapter_name_problem(name):
+            raise _error(f"{path}.name", problem, REFIT_FIX)
+        pack = _relative_file(d, "pack", path, None, REFIT_FIX)
+        digest = None if pack is None else _digest(_field(d, "pack_sha256", str, path, fix=REFIT_FIX),
+                                                   f"{path}.pack_sha256", REFIT_FIX)
+        return cls(name, float(_field(d, "weight", float, path, fix=REFIT_FIX)), fused,
+                   _list_of(d, "targets", str, path, (), REFIT_FIX), pack, digest, d)
+
+
+MAX_ADAPTER_NAME = 100
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter (it names its pack file and appears in `NAME:WEIGHT` options), or None."""
+    if not 0 < len(name) <= MAX_ADAPTER_NAME:
+        return f"is {len(name)} characters long; an adapter name has 1 to {MAX_ADAPTER_NAME}"
+    if not (name[0].isalnum() or name[0] == "_") or not all(c.isalnum() or c in "_.+- " for c in name):
+        return (f"is {name!r}; an adapter name starts with a letter, digit or _ and has only letters, digits, "
+                "spaces and _ . + -")
+    return None
 
 
 @dataclass(frozen=True)
@@ -335,6 +421,7 @@ class RefitEntry:
     offset: int | None = None
     length: int | None = None
     dtype: str | None = None
+    file_sha256: str | None = None  # of `file`, as the component's graph records it
 
     @classmethod
     def parse(cls, module: str, d, components: dict) -> "RefitEntry":
@@ -346,11 +433,24 @@ class RefitEntry:
                     _field(d, "transpose", bool, path, fix=REFIT_FIX))
         if not entry.weight:
             raise _error(f"{path}.weight", "names no graph weight", REFIT_FIX)
-        if _relative_file(d, "file", path, None, REFIT_FIX) is None:
+        file = _relative_file(d, "file", path, None, REFIT_FIX)
+        if file is None:
             return entry  # a map without locations (TensorRT refit reads the weights from the graph)
-        return cls(module, component, entry.weight, entry.transpose, _list_of(d, "shape", int, path, fix=REFIT_FIX),
-                   d["file"], _field(d, "offset", int, path, fix=REFIT_FIX), _field(d, "length", int, path, fix=REFIT_FIX),
-                   _field(d, "dtype", str, path, fix=REFIT_FIX))
+        graph_files = _hashes(components[component], "sha256", f"components.{component}")
+        if file not in graph_files:
+            raise _error(f"{path}.file", f"is {file!r}, which is not a file of the {component} graph", REFIT_FIX)
+        shape = _list_of(d, "shape", int, path, fix=REFIT_FIX)
+        dtype = _field(d, "dtype", str, path, fix=REFIT_FIX)
+        offset, length = _field(d, "offset", int, path, fix=REFIT_FIX), _field(d, "length", int, path, fix=REFIT_FIX)
+        if dtype not in REFIT_DTYPES or not 1 <= len(shape) <= 4 or min(shape) < 1 or offset < 0 \
+                or length != math.prod(shape) * REFIT_DTYPES[dtype]:
+            raise _error(path, f"locates a {dtype} weight of shape {list(shape)} at bytes {offset}+{length}, which "
+                               "is not a weight's layout", REFIT_FIX)
+        return cls(module, component, entry.weight, entry.transpose, shape, file, offset, length, dtype,
+                   graph_files[file])
+
+
+REFIT_DTYPES = {"float32": 4, "float16": 2}  # element sizes of the weights a refit map locates
 
 
 @dataclass(frozen=True)
@@ -366,6 +466,7 @@ class Engine:
     source_file: str
     source_sha256: str
     refit_base: str | None  # an engine with refittable weights: their pristine values (safetensors)
+    refit_base_sha256: str | None
     data: dict
 
     @classmethod
@@ -374,17 +475,22 @@ class Engine:
         device, source = _field(d, "device", dict, path, fix=cmd), _field(d, "source", dict, path, fix=cmd)
         refit = _field(d, "refit", dict, path, None, cmd)
         return cls(_field(d, "backend", str, path, fix=cmd), _field(d, "component", str, path, fix=cmd),
-                   _relative_file(d, "file", path, fix=cmd), _field(d, "sha256", str, path, fix=cmd),
+                   _relative_file(d, "file", path, fix=cmd), _digest(_field(d, "sha256", str, path, fix=cmd),
+                                                                      f"{path}.sha256", cmd),
                    _field(device, "compute_capability", str, f"{path}.device", fix=cmd),
                    _field(d, "backend_version", str, path, fix=cmd), _field(d, "precision", str, path, FP32, cmd),
                    _relative_file(source, "file", f"{path}.source", fix=cmd),
                    _field(source, "sha256", str, f"{path}.source", fix=cmd),
-                   None if refit is None else _relative_file(refit, "base", f"{path}.refit", fix=cmd), d)
+                   None if refit is None else _relative_file(refit, "base", f"{path}.refit", fix=cmd),
+                   None if refit is None else _digest(_field(refit, "sha256", str, f"{path}.refit", fix=cmd),
+                                                      f"{path}.refit.sha256", cmd), d)
 
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    path: str
+    path: str  # the tokenizer folder
+    file: str  # tokenizer/tokenizer.json: the one file the runtime's tokenizer reads
+    sha256: str
     max_length: int
     pad_token_id: int
 
@@ -431,8 +537,16 @@ class Manifest:
     @property
     def tokenizer(self) -> TokenizerInfo:
         tok = _field(self.data, "tokenizer", dict, "the document")
-        return TokenizerInfo(_relative_file(tok, "path", "tokenizer"), _field(tok, "max_length", int, "tokenizer"),
-                             _field(tok, "pad_token_id", int, "tokenizer"))
+        folder = _relative_file(tok, "path", "tokenizer")
+        file = f"{folder}/{TOKENIZER_FILE}"
+        hashes = _hashes(tok, "sha256", "tokenizer")
+        if file not in hashes:
+            raise _error("tokenizer.sha256", f"has no hash of {file!r}", REBUILD)
+        max_length, pad = _field(tok, "max_length", int, "tokenizer"), _field(tok, "pad_token_id", int, "tokenizer")
+        if not 2 <= max_length <= SHAPE_LIMITS["text_length"] or pad < 0:
+            raise _error("tokenizer", f"has max_length {max_length} and pad_token_id {pad}; expected 2.."
+                                      f"{SHAPE_LIMITS['text_length']} and a token id", REBUILD)
+        return TokenizerInfo(folder, file, hashes[file], max_length, pad)
 
     @property
     def vae_scaling_factor(self) -> float:

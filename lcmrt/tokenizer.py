@@ -14,8 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import EngineFolderError
+from .manifest import REBUILD, TOKENIZER_FILE, Manifest, folder_file, verify_files
 
-TOKENIZER_FILE = "tokenizer.json"
 END_OF_WORD = "</w>"
 
 
@@ -26,12 +26,22 @@ class PromptTokenizer:
             raise EngineFolderError(
                 f"{path} is missing: the engine folder's tokenizer was not written. "
                 "Rebuild the folder with `lcmrt build`.")
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exception on a malformed file
+            raise EngineFolderError(f"{path} is not a tokenizer file ({e}). {REBUILD}") from None
         # transformers saves whatever padding/truncation its last call left on the backend; we do both here.
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.max_length = max_length
         self.pad_token_id = pad_token_id
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, manifest: Manifest) -> "PromptTokenizer":
+        """The engine folder's tokenizer, after checking its file against the manifest's hash."""
+        info = manifest.tokenizer
+        verify_files(folder, {info.file: info.sha256})
+        return cls(folder_file(folder, info.path), max_length=info.max_length, pad_token_id=info.pad_token_id)
 
     def __call__(self, prompt: str) -> np.ndarray:
         """Input ids for one prompt. ids: [1, max_length] int64."""

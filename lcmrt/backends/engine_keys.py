@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EngineFolderError
-from ..manifest import PLAN_SUFFIX, REFIT_BASE_SUFFIX, TIMING_CACHE_NAME, TRT_DIR, Engine, Manifest, file_sha256
+from ..manifest import (PLAN_SUFFIX, REFIT_BASE_SUFFIX, TIMING_CACHE_NAME, TRT_DIR, Engine, Manifest, file_sha256,
+                        folder_file)
 
 REBUILD_COMMAND = "lcmrt build --engines-only {folder} --backend tensorrt"
 
@@ -130,7 +131,7 @@ def select_engine(folder: str | Path, manifest: Manifest | dict, component: str,
         raise EngineFolderError(
             f"The TensorRT engine {entry.file} was built from a different {component} graph than the one "
             f"in {folder} ({graph_file}): the graph was rebuilt after the engine. Rebuild the engines with `{cmd}`.")
-    plan = folder / entry.file
+    plan = folder_file(folder, entry.file)
     if not plan.is_file():
         raise EngineFolderError(f"{plan} is listed in the manifest but missing. Rebuild the engines with `{cmd}`.")
     if check_plan_hash and file_sha256(plan) != entry.sha256:

@@ -10,6 +10,7 @@ itself (a few fields of the ONNX protobuf, without the `onnx` package) to give c
 from __future__ import annotations
 
 import mmap
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..cpu import cpu_description, int8_accuracy_warning
-from ..errors import BackendError
-from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
+from ..errors import BackendError, EngineFolderError
+from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REBUILD, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
                         verify_component)
 from .base import Backend, Session, TensorSpec
 
@@ -91,6 +92,7 @@ class OnnxRuntimeBackend(Backend):
         variants = manifest.component(component).variants
         if self.refit == "inputs" and REFIT_INPUTS in variants and self.precision == FP32:
             path = verify_component(folder, manifest, component, REFIT_INPUTS)
+            check_external_data(path, set(variants[REFIT_INPUTS].sha256))
             session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
                                  weight_inputs=list(variants[REFIT_INPUTS].weight_inputs))
             session.precision = variants[REFIT_INPUTS].precision
@@ -103,6 +105,7 @@ class OnnxRuntimeBackend(Backend):
             variant = PRE_OPTIMIZED
         path = verify_component(folder, manifest, component, variant)
         graph = manifest.component(component).graph(variant)
+        check_external_data(path, set(graph.sha256))
         if graph.precision == INT8 and self.device == "cpu":
             if message := int8_accuracy_warning(str(folder), graph.data, cpu_description()["isa"]):
                 warnings.warn(message, stacklevel=2)
@@ -143,7 +146,7 @@ class OrtSession(Session):
         self._threads = threads
         self._optimize = optimize  # False for graphs ONNX Runtime already optimized at build time
         # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
-        self._initializers: dict[str, tuple[TensorSpec, bool]] | None = None  # read on first refit
+        self._initializers: dict[str, tuple[TensorSpec, str | None]] | None = None  # read on first refit
         # Refit by inputs: these graph inputs are weights (their initializers are the defaults), fed from
         # _weight_feeds with every run; otherwise refit re-creates the session with external initializers.
         self._weight_inputs = set(weight_inputs or ())
@@ -160,6 +163,9 @@ class OrtSession(Session):
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
         self._device_id = device_id
         self._binding = self._new_binding()
+        # A device binding's buffers are shared by all runs (a concurrent run would overwrite this one's inputs
+        # and outputs), so GPU runs take this lock; CPU runs need none (InferenceSession.run is thread safe).
+        self._run_lock = threading.Lock()
 
     def _new_binding(self) -> "DeviceBinding | None":
         """GPU providers exchange data through fixed device buffers (I/O binding), bound once per shape."""
@@ -204,7 +210,8 @@ class OrtSession(Session):
         self._check_feeds(feeds)
         try:
             if self._binding is not None:
-                return self._binding.run(feeds)
+                with self._run_lock:
+                    return self._binding.run(feeds)
             values = self._session.run(list(self.outputs), {**feeds, **self._weight_feeds})
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
@@ -271,7 +278,7 @@ class OrtSession(Session):
             raise BackendError(
                 f"{len(unknown)} weight(s) are not initializers of {self.path.name}: {_some(unknown)}. "
                 "The folder's refit map does not match its graph; rebuild the folder with `lcmrt build`.")
-        inline = [name for name in weights if not table[name][1]]
+        inline = [name for name in weights if table[name][1] is None]
         if inline:
             raise BackendError(
                 f"{self.path.name} keeps {len(inline)} of these weights inside the graph file ({_some(inline)}); "
@@ -288,7 +295,7 @@ class OrtSession(Session):
             arrays[name] = np.require(value, requirements="C")
         return arrays
 
-    def _initializer_table(self) -> dict[str, tuple[TensorSpec, bool]]:
+    def _initializer_table(self) -> dict[str, tuple[TensorSpec, str | None]]:
         if self._initializers is None:
             self._initializers = read_initializers(self.path)
         return self._initializers
@@ -364,10 +371,12 @@ def _some(names: list[str]) -> str:
 # `onnx.load(..., load_external_data=False)` would still parse every inline weight into memory (hundreds of
 # MB for a text encoder) to read a few names and shapes; ONNX Runtime exposes no initializer list.
 # ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, name = 8,
-# data_location = 14 (1 = EXTERNAL). Large inline tensors are skipped over, never copied (mmap).
+# external_data = 13 (StringStringEntryProto: key = 1, value = 2), data_location = 14 (1 = EXTERNAL).
+# Large inline tensors are skipped over, never copied (mmap).
 
-def read_initializers(path: Path) -> dict[str, tuple[TensorSpec, bool]]:
-    """Initializer name -> (spec, stored as external data) for the main graph of an .onnx file."""
+def read_initializers(path: Path) -> dict[str, tuple[TensorSpec, str | None]]:
+    """Initializer name -> (spec, the file it is stored in as external data, or None if inline) for the main
+    graph of an .onnx file."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         graph = [span for field, span in _fields(buf, 0, len(buf)) if field == 7]
         if not graph:
@@ -380,8 +389,8 @@ def read_initializers(path: Path) -> dict[str, tuple[TensorSpec, bool]]:
         return table
 
 
-def _tensor_header(buf, start: int, end: int) -> tuple[TensorSpec, bool]:
-    dims, dtype, name, external = [], None, "", False
+def _tensor_header(buf, start: int, end: int) -> tuple[TensorSpec, str | None]:
+    dims, dtype, name, external, location = [], None, "", False, None
     for field, value in _fields(buf, start, end):
         if field == 1:
             if isinstance(value, tuple):  # packed repeated int64
@@ -395,9 +404,23 @@ def _tensor_header(buf, start: int, end: int) -> tuple[TensorSpec, bool]:
             dtype = _ONNX_DTYPES.get(value)
         elif field == 8:
             name = buf[value[0]:value[1]].decode()
+        elif field == 13:
+            entry = dict(_fields(buf, *value))
+            if 1 in entry and 2 in entry and buf[slice(*entry[1])] == b"location":
+                location = buf[slice(*entry[2])].decode(errors="replace")
         elif field == 14:
             external = value == 1
-    return TensorSpec(name, tuple(dims), np.dtype(dtype) if dtype else None), external
+    return TensorSpec(name, tuple(dims), np.dtype(dtype) if dtype else None), (location or "") if external else None
+
+
+def check_external_data(path: Path, hashed: set[str]) -> None:
+    """Refuse a graph that reads external data from a file the manifest does not hash (ONNX Runtime would
+    open whatever path the graph names)."""
+    unlisted = sorted({location for _, location in read_initializers(path).values()
+                       if location is not None and location not in hashed})
+    if unlisted:
+        raise EngineFolderError(f"{path} reads its weights from {_some(unlisted)}, which the manifest does not "
+                                f"list with a hash: lcmrt loads only files it can verify. {REBUILD}")
 
 
 def _fields(buf, start: int, end: int):

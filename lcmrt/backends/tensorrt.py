@@ -15,6 +15,9 @@ swapped by refit, and the LCM step captured as a CUDA graph.
   before each launch, so one graph serves every step but the last (which adds no noise: a second graph).
   Warm-up runs eagerly before capture; if capture fails the step runs eagerly; after a refit the graphs are
   captured again (whether a captured graph sees refitted weights is not documented).
+- Threads: a session's buffers, execution context and CUDA graphs are shared by all its runs, so `run`, the
+  denoise loop and `refit` take the session's `_run_lock`: one at a time per session (different sessions,
+  e.g. one thread's VAE decode and another's UNet step, still run concurrently).
 
 TensorRT and CuPy are imported only when this backend is created.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
-from ..manifest import Engine, Manifest
+from ..manifest import Engine, Manifest, folder_file, verify_files
 from .base import Backend, Session, TensorSpec
 from .engine_keys import EngineKey, compute_capability, rebuild_command, select_engine
 
@@ -182,11 +186,13 @@ class TrtSession(Session):
         self.entry = entry
         self.precision = entry.precision
         self.logger = backend.logger
-        self.engine = backend.runtime.deserialize_cuda_engine((folder / entry.file).read_bytes())
+        self.engine = backend.runtime.deserialize_cuda_engine(folder_file(folder, entry.file).read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {entry.file} (see its log above). Rebuild it with "
                                f"`{rebuild_command(folder)}`.")
         self.context = self.engine.create_execution_context()
+        # runs share the bound buffers: a second run would overwrite the first one's inputs and outputs
+        self._run_lock = threading.Lock()
         self.cuda_graphs = backend.cuda_graphs
         self._loop: CudaGraphDenoiser | None = None
         self.stream = cp.cuda.Stream(non_blocking=True)  # never the default stream
@@ -248,13 +254,14 @@ class TrtSession(Session):
         self._check_feeds(feeds)
         batch = next((feeds[p.name].shape[0] for p in self.plans.values()
                       if p.is_input and p.varying_axis is not None), None)
-        if batch is not None:
-            self.set_batch(batch)
-        for name, spec in self.inputs.items():
-            self.view(name, batch).set(np.ascontiguousarray(feeds[name]), stream=self.stream)
-        self.execute()
-        outs = {name: self.view(name, batch).get(stream=self.stream) for name in self.outputs}
-        self.stream.synchronize()
+        with self._run_lock:
+            if batch is not None:
+                self.set_batch(batch)
+            for name, spec in self.inputs.items():
+                self.view(name, batch).set(np.ascontiguousarray(feeds[name]), stream=self.stream)
+            self.execute()
+            outs = {name: self.view(name, batch).get(stream=self.stream) for name in self.outputs}
+            self.stream.synchronize()
         return outs
 
     def _check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
@@ -271,9 +278,10 @@ class TrtSession(Session):
         """The LCM loop on the device for `batch` latents, one CUDA-graph launch per step (UNet only)."""
         if "sample" not in self.plans:
             return None
-        if self._loop is None or self._loop.n != batch:
-            self._loop = CudaGraphDenoiser(self, batch, use_graphs=self.cuda_graphs)
-        return self._loop
+        with self._run_lock:
+            if self._loop is None or self._loop.n != batch:
+                self._loop = CudaGraphDenoiser(self, batch, use_graphs=self.cuda_graphs)
+            return self._loop
 
     def refittable(self) -> bool:
         return self.entry.refit_base is not None
@@ -297,17 +305,19 @@ class TrtSession(Session):
                 f"`{rebuild_command(self.folder)}` so the refit map's weights are marked refittable.")
         new = {name: self._engine_array(refitter, name, value) for name, value in weights.items()}
         previous = {name: self._current(name) for name in new}
-        self.stream.synchronize()  # refitting with work in flight is undefined behaviour
-        try:
-            self._apply(refitter, new)
-        except BackendError:
+        with self._run_lock:  # no run of this session in flight while its engine changes
+            self.stream.synchronize()  # refitting with work in flight is undefined behaviour
             try:
-                self._apply(refitter, previous)
-            except BackendError as e:
-                log.error("restoring the previous %s weights after a failed refit also failed: %s", self.component, e)
-            raise
-        self._values.update(new)
-        self.weights_version += 1
+                self._apply(refitter, new)
+            except BackendError:
+                try:
+                    self._apply(refitter, previous)
+                except BackendError as e:
+                    log.error("restoring the previous %s weights after a failed refit also failed: %s",
+                              self.component, e)
+                raise
+            self._values.update(new)
+            self.weights_version += 1
 
     def _engine_array(self, refitter, name: str, value) -> np.ndarray:
         proto = refitter.get_weights_prototype(name)
@@ -323,7 +333,8 @@ class TrtSession(Session):
         if self._pristine is None:
             from safetensors.numpy import load_file
 
-            self._pristine = load_file(str(self.folder / self.entry.refit_base))
+            verify_files(self.folder, {self.entry.refit_base: self.entry.refit_base_sha256})
+            self._pristine = load_file(str(folder_file(self.folder, self.entry.refit_base)))
         if name not in self._pristine:
             raise BackendError(f"The {self.component} engine needs weight {name!r} to refit, but its base value "
                                f"was not stored at build time. Rebuild with `{rebuild_command(self.folder)}`.")
@@ -413,6 +424,10 @@ class CudaGraphDenoiser:
     def __call__(self, sampler, latents: np.ndarray, step_noise: list[np.ndarray], embeds: np.ndarray,
                  guidance_scale: float, timings: dict | None = None) -> np.ndarray:
         """Run every step of `sampler`'s timesteps; returns the final latents (host, float32)."""
+        with self.unet._run_lock:  # the loop's buffers and graphs, and the UNet's, serve one loop at a time
+            return self._run(sampler, latents, step_noise, embeds, guidance_scale, timings)
+
+    def _run(self, sampler, latents, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
         cp, unet, stream = self.cp, self.unet, self.unet.stream
         guided = guidance_scale > 1
         unet.set_batch(2 * self.n if guided else self.n)

@@ -20,6 +20,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from lcmrt.errors import ExportError  # noqa: E402
+from lcmrt.manifest import file_sha256  # noqa: E402
 
 
 from tiny_engines import STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine  # noqa: E402
@@ -142,7 +143,8 @@ def test_tokenizer_files_load_with_tokenizers(manifest, tiny_engine, base_pipe):
     entry = manifest["tokenizer"]
     tok = base_pipe.tokenizer
     assert entry == {"path": "tokenizer", "max_length": 77, "pad_token_id": tok.pad_token_id,
-                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "sha256": {"tokenizer/tokenizer.json": file_sha256(Path(tiny_engine) / "tokenizer/tokenizer.json")}}
     fast = Tokenizer.from_file(str(Path(tiny_engine) / entry["path"] / "tokenizer.json"))
     prompt = "a photo of a cat sitting on a wooden table, papercut art"
     ids = fast.encode(prompt).ids

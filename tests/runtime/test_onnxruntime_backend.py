@@ -158,15 +158,15 @@ def test_read_initializers(tmp_path):
     _save_graph(tmp_path)
     table = read_initializers(tmp_path / "tiny.onnx")
     assert table == {
-        "W": (TensorSpec("W", (4, 3), np.dtype(np.float32)), True),
-        "B": (TensorSpec("B", (4,), np.dtype(np.float32)), True),
-        "scale": (TensorSpec("scale", (), np.dtype(np.float32)), True),
+        "W": (TensorSpec("W", (4, 3), np.dtype(np.float32)), "tiny.onnx.data"),
+        "B": (TensorSpec("B", (4,), np.dtype(np.float32)), "tiny.onnx.data"),
+        "scale": (TensorSpec("scale", (), np.dtype(np.float32)), "tiny.onnx.data"),
     }
     inline = tmp_path / "inline"
     inline.mkdir()
     _save_graph(inline, external=False)
     assert {name: ext for name, (_, ext) in read_initializers(inline / "tiny.onnx").items()} == {
-        "W": False, "B": False, "scale": False}
+        "W": None, "B": None, "scale": None}
 
 
 def test_refit_is_the_graph_with_new_values_and_restores_exactly(tmp_path, session):
