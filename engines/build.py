@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendError, InputError
-from ..manifest import read_manifest, write_manifest
+from ..folder_update import changing, commit
+from ..manifest import Manifest, read_manifest
 from ..progress import Stages
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -51,14 +52,18 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
     manifest. `log` (a print-like callable) receives the TensorRT builder's messages."""
     folder = Path(folder)
     stages = stages or Stages()
-    manifest = read_manifest(folder)
-    check_engine_request(req, bool(manifest.refit_map))
+    check_engine_request(req, bool(read_manifest(folder).refit_map))
+    with changing(folder) as manifest:  # each stage commits its own graphs: an interruption loses only its own
+        return _add_engines(folder, manifest, req, stages, log)
+
+
+def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: Stages, log) -> dict:
     if req.ort_cpu_graphs:
         from .ort_optimize import optimize_folder
 
         with stages.stage("optimize CPU graphs"):
             optimize_folder(folder, manifest)
-            write_manifest(folder, manifest)
+            commit(folder, manifest)
     if req.wants_fp16:
         from .fp16 import DEFAULT_FP16_COMPONENTS, convert_folder, record_variants
 
@@ -71,7 +76,7 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
 
         with stages.stage("INT8 graphs"):
             quantize_folder(folder, manifest)
-            write_manifest(folder, manifest)
+            commit(folder, manifest)
     if req.backend == "tensorrt":
         from .tensorrt import build_engines
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from ..manifest import FP16, FP16_SUFFIX, Component, Manifest, file_sha256, read_manifest, write_manifest
+from ..folder_update import commit, fresh_graph_name
+from ..manifest import FP16, FP16_SUFFIX, Component, Manifest, file_sha256, read_manifest
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 
 # Ops whose statistics or accumulators need fp32 (see the module docstring).
@@ -216,7 +217,8 @@ def _topological_sort(graph) -> None:
 
 
 def convert_component(folder: str | Path, manifest: Manifest | dict, component: str) -> dict:
-    """Write `<component>.fp16.onnx` next to the fp32 graph; return its file entry (file, sha256, fp32 nodes)."""
+    """Write `<component>.fp16.onnx` next to the fp32 graph (under a name the manifest does not use yet); return
+    its file entry (file, sha256, fp32 nodes)."""
     import onnx
 
     folder = Path(folder)
@@ -224,7 +226,7 @@ def convert_component(folder: str | Path, manifest: Manifest | dict, component: 
     source = folder / fp32.file
     model = onnx.load(str(source), load_external_data=True)
     fp16 = convert_model(model, component)
-    graph_name = f"{component}{FP16_SUFFIX}"
+    graph_name = fresh_graph_name(folder, Manifest.of(manifest), component, FP16)
     files = save_graph(fp16, folder, graph_name)
     return {
         "file": graph_name,
@@ -342,7 +344,7 @@ def record_variants(folder: str | Path, entries: dict[str, dict]) -> dict:
     manifest = read_manifest(folder)
     for component, entry in entries.items():
         manifest.set_variant(component, entry["precision"], entry)
-    write_manifest(folder, manifest)
+    commit(folder, manifest)
     return manifest.data
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..backends.onnxruntime import cpu_graph_key
-from ..manifest import PRE_OPTIMIZED, Manifest, file_sha256, variant_file
+from ..folder_update import fresh_graph_name
+from ..manifest import PRE_OPTIMIZED, Manifest, file_sha256
 
 
 def optimize_component(folder: Path, manifest: Manifest | dict, component: str) -> dict:
     """Write `<component>.ort-cpu.onnx` (+ `.data`) and return its variant entry."""
     entry = Manifest.of(manifest).component(component).graph_fp32
-    graph = variant_file(component, PRE_OPTIMIZED)
+    graph = fresh_graph_name(folder, Manifest.of(manifest), component, PRE_OPTIMIZED)  # the old one stays until the commit
     data = f"{graph}.data"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..backends.onnxruntime import cpu_graph_key
 from ..errors import ExportError
+from ..folder_update import fresh_graph_name
 from ..manifest import INT8, INT8_SUFFIX, Manifest, file_sha256
 from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs
@@ -44,16 +45,15 @@ _IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 def quantize_component(folder: Path, manifest: Manifest | dict, component: str,
                        op_types: tuple[str, ...] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL,
                        reduce_range: bool = INT8_REDUCE_RANGE) -> dict:
-    """Write `<component>.int8.onnx` (+ `.data` for graphs over 2 GB) and return its variant entry."""
+    """Write `<component>.int8.onnx` (+ `.data` for graphs over 2 GB; under a name the manifest does not use
+    yet) and return its variant entry."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     entry = Manifest.of(manifest).component(component).graph_fp32
     source = folder / entry.file
-    graph = f"{component}{INT8_SUFFIX}"
+    graph = fresh_graph_name(folder, Manifest.of(manifest), component, INT8)  # the old one stays until the commit
     large = sum((folder / name).stat().st_size for name in entry.sha256) > EXTERNAL_DATA_THRESHOLD
-    for stale in (graph, f"{graph}.data"):  # a rerun must not leave an old data file hashed with the new graph
-        (folder / stale).unlink(missing_ok=True)
     # it logs "consider pre-processing" on the root logger at every call: advice for static quantization
     silenced = logging.root.manager.disable
     logging.disable(logging.WARNING)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from ..errors import AdapterError
-from ..manifest import ADAPTER_DIR, REFIT_INPUTS, Manifest, file_sha256, read_manifest, variant_file, write_manifest
+from ..folder_update import changing, commit, fresh_graph_name, scratch_folder
+from ..manifest import ADAPTER_DIR, REFIT_INPUTS, Manifest, file_sha256, read_manifest
 from .lora import LoraSpec, locate_lora
 
 PACK_FORMAT = "lcmrt-adapter/1"
@@ -57,7 +60,7 @@ def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, allow_pickle: bool = False
     pack.parent.mkdir(exist_ok=True)
     save_file(tensors, str(pack), metadata={"format": PACK_FORMAT, "name": spec.name,
                                             "source_sha256": record["sha256"]})
-    return {**record, "fused": False, "pack": str(pack.relative_to(out_dir)),
+    return {**record, "fused": False, "pack": pack.relative_to(out_dir).as_posix(), "pack_sha256": file_sha256(pack),
             "targets": sorted(f"{c}.{m}" for c, m in modules)}
 
 
@@ -156,36 +159,38 @@ def _skeleton_pipeline(configs: dict):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dict:
-    """Convert a LoRA file into an adapter pack of an existing refittable engine folder; return its record."""
-    import os
-    import shutil
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
+def _check_addable(folder: Path, manifest: Manifest, spec: LoraSpec) -> None:
     if not manifest.refittable or manifest.model_configs is None:
         raise AdapterError(f"{folder} was built without --refittable, so it has no refit map and cannot take "
                            "adapters. Rebuild it with `lcmrt build ... --refittable`.")
     if any(a.name == spec.name for a in manifest.adapters):
         raise AdapterError(f"{folder} already has an adapter named {spec.name!r}; choose another --name.")
-    scratch = folder / f".adapter-{spec.name}-{os.getpid()}"
-    scratch.mkdir()
-    try:
-        record = pack_adapter(_skeleton_pipeline(manifest.model_configs), spec, scratch, allow_pickle)
-        unmapped = sorted(set(record["targets"]) - set(manifest.refit_map))
-        if unmapped:
-            raise AdapterError(
-                f"{len(unmapped)} module(s) of {spec.path} have no refittable weight in {folder}, e.g. "
-                f"{', '.join(unmapped[:5])}. This LoRA cannot be swapped into this folder; fuse it with "
-                "`lcmrt build --lora` instead.")
-        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
-        os.replace(scratch / record["pack"], folder / record["pack"])
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    record = {**record, "weight": 0.0}  # an added adapter starts switched off
-    manifest.add_adapter(record)
-    write_refit_input_graphs(folder, manifest)
-    write_manifest(folder, manifest)
+
+
+def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dict:
+    """Convert a LoRA file into an adapter pack of an existing refittable engine folder; return its record.
+    All or nothing (`lcmrt.folder_update`): an interrupted add leaves the folder as it was."""
+    folder = Path(folder)
+    _check_addable(folder, read_manifest(folder), spec)
+    with changing(folder) as manifest:
+        _check_addable(folder, manifest, spec)  # again, as the previous writer left it
+        scratch = scratch_folder(folder)
+        try:
+            record = pack_adapter(_skeleton_pipeline(manifest.model_configs), spec, scratch, allow_pickle)
+            unmapped = sorted(set(record["targets"]) - set(manifest.refit_map))
+            if unmapped:
+                raise AdapterError(
+                    f"{len(unmapped)} module(s) of {spec.path} have no refittable weight in {folder}, e.g. "
+                    f"{', '.join(unmapped[:5])}. This LoRA cannot be swapped into this folder; fuse it with "
+                    "`lcmrt build --lora` instead.")
+            (folder / ADAPTER_DIR).mkdir(exist_ok=True)
+            os.replace(scratch / record["pack"], folder / record["pack"])  # a new name: no manifest uses it yet
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        record = {**record, "weight": 0.0}  # an added adapter starts switched off
+        manifest.add_adapter(record)
+        write_refit_input_graphs(folder, manifest)
+        commit(folder, manifest)
     return record
 
 
@@ -193,16 +198,16 @@ def write_refit_input_graphs(folder: Path, manifest: Manifest | dict) -> None:
     """For each refittable component, `<component>.refit-inputs.onnx`: the same graph (sharing its data
     file) with the weights the folder's swappable adapters target declared as graph inputs, so ONNX
     Runtime takes new values with every run instead of a new session. Recorded as the "refit-inputs"
-    variant; rewritten whenever the set of targets changes (`adapter add`)."""
+    variant; written anew (under a name the folder's manifest does not use) whenever the set of targets
+    changes (`adapter add`)."""
     manifest = Manifest.of(manifest)
     targets = {m for a in manifest.adapters if not a.fused for m in a.targets}
     refit_map = manifest.refit_map
     for comp in REFITTABLE_COMPONENTS:
         entry = manifest.component(comp).graph_fp32
         names = sorted({e.weight for m, e in refit_map.items() if m in targets and e.component == comp})
+        graph = folder / fresh_graph_name(folder, manifest, comp, REFIT_INPUTS)  # the old one stays until the commit
         manifest.drop_variant(comp, REFIT_INPUTS)
-        graph = folder / variant_file(comp, REFIT_INPUTS)
-        graph.unlink(missing_ok=True)
         if not names:
             continue
         model = onnx.load(str(folder / entry.file), load_external_data=False)

@@ -195,14 +195,28 @@ def get_preset(arch: str, size: str) -> RandomModelPreset:
         raise InputError(f"No random model for arch {arch!r} and size {size!r}; choose one of: {choices}.") from None
 
 
+RANDOM_MODEL_ENTRIES = {"model", "lcm-lora.safetensors", "style-lora.safetensors", "taesd"}
+
+
+def _check_replaceable(out: Path) -> None:
+    """`--overwrite` deletes OUT: allow it only for a folder this command wrote (nothing else in it)."""
+    entries = {p.name for p in out.iterdir()} if out.is_dir() and not out.is_symlink() else None
+    if entries is None or not (out / "model" / "model_index.json").is_file() or not entries <= RANDOM_MODEL_ENTRIES:
+        raise InputError(f"--overwrite only replaces a folder written by `lcmrt random-model`, and {out} is not one "
+                         f"(it should hold only {', '.join(sorted(RANDOM_MODEL_ENTRIES))}). Choose another folder, "
+                         "or remove it yourself if it is yours to delete.")
+
+
 def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: int = 0,
                        overwrite: bool = False, taesd: bool = False) -> dict[str, Path]:
     """Write OUT/model (a diffusers folder), OUT/lcm-lora.safetensors and OUT/style-lora.safetensors; with
     `taesd`, also OUT/taesd (an AutoencoderTiny folder)."""
     out = Path(out)
     preset = get_preset(arch, size)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists. Pass --overwrite to replace it, or choose another folder.")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out} already exists. Pass --overwrite to replace it, or choose another folder.")
+        _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build next to OUT and rename at the end, so an interrupted run never leaves a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
