@@ -202,27 +202,32 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
               help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
 @click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG path; with several images, -0, -1, ... are appended to the name.")
+              help="PNG path (*.png; missing folders are created); with several images, -0, -1, ... are appended "
+                   "to the name.")
 def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, precision, adapters,
              output):
     """Generate images for PROMPT with the engine folder FOLDER."""
     from . import __version__
-    from .images import save_png
-    from .pipeline import Pipeline
+    from .images import check_png_path, save_png
+    from .pipeline import Pipeline, check_request
 
+    # every argument is checked before the folder is loaded: a mistake fails at once, not after the load
+    check_request(prompt, negative_prompt, steps, guidance, seed, num_images)
+    paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
+                                               for i in range(num_images)]
+    for path in paths:
+        check_png_path(path)
+    weights = _adapter_weights(adapters) if adapters else None
     load_start = time.perf_counter()
     options = {"precision": precision} if precision else {}
-    pipe = Pipeline.load(folder, backend=backend, adapters=_adapter_weights(adapters) if adapters else None,
-                         **options)
+    pipe = Pipeline.load(folder, backend=backend, adapters=weights, **options)
     load_seconds = time.perf_counter() - load_start
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   seed=seed, num_images=num_images)
     metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
                 "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
                 "backend": pipe.backend, "lcmrt_version": __version__,
-                "precision": {name: session.precision for name, session in pipe.sessions.items()}}
-    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                               for i in range(len(images))]
+                "precision": pipe.last_precisions}
     for image, path in zip(images, paths):
         save_png(image, path, metadata)
     t = pipe.last_timings
@@ -235,15 +240,28 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
 
 
 def _adapter_weights(texts) -> dict[str, float]:
+    """--adapter NAME:WEIGHT (or NAME, for weight 1) options as {name: weight}."""
+    import math
+
     from .errors import InputError
 
     weights = {}
     for text in texts:
-        name, _, weight = text.rpartition(":")
+        name, colon, weight = text.rpartition(":")
+        if not colon:  # a bare NAME
+            name, weight = text, "1"
         try:
-            weights[name or weight] = float(weight) if name else 1.0
+            value = float(weight)
         except ValueError:
-            raise InputError(f"--adapter {text!r}: expected NAME:WEIGHT, e.g. papercut:0.8.") from None
+            value = None
+        if not name or value is None:
+            raise InputError(f"--adapter {text!r}: expected NAME:WEIGHT, e.g. papercut:0.8.")
+        if not math.isfinite(value):
+            raise InputError(f"--adapter {text!r}: the weight must be a finite number, e.g. papercut:0.8.")
+        if name in weights:
+            raise InputError(f"--adapter {name} is given twice ({name}:{weights[name]:g} and {text}); give each "
+                             "adapter once.")
+        weights[name] = value
     return weights
 
 
@@ -264,19 +282,19 @@ def info(folder, as_json):
         click.echo(json.dumps(manifest.data, indent=2))
         return
     console = Console(width=None if sys.stdout.isatty() else 160)  # piped: no 80-column truncation
-    s, raw = manifest.shapes, manifest.data  # source, build and versions are informational: shown as written
-    src = raw.get("source") or {}
+    s, raw = manifest.shapes, manifest.data
     console.print(f"[bold]{folder}[/bold]: {manifest.family} engine folder, format {raw['format_version']}, "
-                  f"built {(raw.get('build') or {}).get('created')} with lcmrt {(raw.get('versions') or {}).get('lcmrt')}")
-    console.print(f"source: {src.get('kind')} {src.get('id')}"
-                  + (f" (sha256 {str(src['sha256'])[:12]})" if src.get("sha256") else ""))
+                  f"built {_shown(raw, 'build', 'created')} with lcmrt {_shown(raw, 'versions', 'lcmrt')}")
+    console.print(f"source: {_shown(raw, 'source', 'kind')} {_shown(raw, 'source', 'id')}"
+                  + (f" (sha256 {_shown(raw, 'source', 'sha256')[:12]})" if _shown(raw, 'source', 'sha256') != "?" else ""))
     console.print(f"shape: {s.width}x{s.height} px, batch {s.batch}, latent {s.latent_channels}x"
                   f"{s.latent_height}x{s.latent_width}, UNet batches {list(s.unet_batch_sizes)}; "
                   f"guidance mode {manifest.guidance_mode}")
     cfg = manifest.scheduler_config
-    console.print(f"scheduler: {raw['scheduler'].get('class')} ({cfg.get('beta_schedule')} {cfg.get('beta_start')}.."
-                  f"{cfg.get('beta_end')}, {cfg.get('prediction_type')}, original_inference_steps "
-                  f"{cfg.get('original_inference_steps')}, timestep_scaling {cfg.get('timestep_scaling')})")
+    console.print(f"scheduler: {_shown(raw, 'scheduler', 'class')} ({_shown(cfg, 'beta_schedule')} "
+                  f"{_shown(cfg, 'beta_start')}..{_shown(cfg, 'beta_end')}, {_shown(cfg, 'prediction_type')}, "
+                  f"original_inference_steps {_shown(cfg, 'original_inference_steps')}, timestep_scaling "
+                  f"{_shown(cfg, 'timestep_scaling')})")
     table = Table("component", "file", "precision", "params", "GFLOP", "max abs diff vs torch")
     for name, entry in manifest.components.items():
         flops = entry.number("flops")
@@ -285,7 +303,7 @@ def info(folder, as_json):
     console.print(table)
     adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
     for a in manifest.adapters:
-        adapters.add_row(a.name, str(a.data.get("role")), f"{a.weight:g}", str(a.fused), str(a.data.get("format")),
+        adapters.add_row(a.name, _shown(a.data, "role"), f"{a.weight:g}", str(a.fused), _shown(a.data, "format"),
                          _modules(a))
     console.print(adapters)
 
@@ -296,13 +314,31 @@ def _millions(n: float | None) -> str:
 
 def _diff(component) -> str:
     """A component's export validation: max abs diff of ONNX Runtime against torch."""
-    diff = (component.data.get("validation") or {}).get("max_abs_diff")
-    return f"{diff:.2e}" if isinstance(diff, (int, float)) else "?"
+    diff = _recorded(component.data, "validation", "max_abs_diff")
+    return f"{diff:.2e}" if isinstance(diff, float) else "?"  # an int may be too large to format as one
+
+
+def _recorded(entry, *keys):
+    """A manifest's informational field (source, build, versions, ...): None where it, or an object on the way to
+    it, is missing or of another type. The runtime does not depend on these: they are shown, not validated."""
+    for key in keys:
+        if not isinstance(entry, dict):
+            return None
+        entry = entry.get(key)
+    return entry if isinstance(entry, (str, int, float)) and not isinstance(entry, bool) else None
+
+
+def _shown(entry, *keys) -> str:
+    value = _recorded(entry, *keys)
+    return "?" if value is None else str(value)[:200]
 
 
 def _modules(adapter, nonzero: bool = False) -> str:
-    modules = adapter.data.get("modules") or {}
-    return ", ".join(f"{k} {v}" for k, v in modules.items() if v or not nonzero)
+    """An adapter's module counts per component, as recorded (informational: shown only where they are counts)."""
+    modules = adapter.data.get("modules")
+    if not isinstance(modules, dict):
+        return "?"
+    return ", ".join(f"{k} {v}" for k, v in modules.items() if isinstance(v, int) and (v or not nonzero))
 
 
 @cli.group()
@@ -334,9 +370,10 @@ def adapter_list(folder):
 
     for a in read_manifest(folder).adapters:
         kind = "fused" if a.fused else "refittable"
-        ranks = "/".join(map(str, a.data.get("ranks") or ["?"]))
+        ranks = a.data.get("ranks")
+        ranks = "/".join(map(str, ranks)) if isinstance(ranks, list) and ranks else "?"
         click.echo(f"{a.name:<20} {kind:<10} weight {a.weight:<6g} rank {ranks} "
-                   f"({_modules(a, nonzero=True)}) from {a.data.get('path')}")
+                   f"({_modules(a, nonzero=True)}) from {_shown(a.data, 'path')}")
 
 
 @cli.command("bench")

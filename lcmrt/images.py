@@ -7,6 +7,7 @@ as JSON) so that image viewers show "prompt", "seed", ... directly.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,35 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"to_pil takes images as [N, H, W, 3] floats in [0, 1], got an array of shape {images.shape}.")
+    if not np.isfinite(images).all():  # NaN would turn into arbitrary pixels in the uint8 cast
+        raise InputError("to_pil got images with NaN or inf values: there is no right pixel for them.")
     # clip first: a value just over 1 would otherwise wrap around to a dark pixel in uint8
     pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype("uint8")
     return [Image.fromarray(image) for image in pixels]
 
 
-def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
-    """Write `image` as a PNG at `path` (parent folders created) with `metadata` in text chunks."""
+def check_png_path(path: str | Path) -> Path:
+    """Refuse, before any work, a path `save_png` could not write: it must be named *.png (a PNG under
+    another name would mislead viewers), must not be a folder, and its nearest existing parent must be a
+    writable folder (the missing ones are created)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name ending in .png.")
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{path}: lcmrt writes PNG files (the settings go in PNG text chunks), so name it *.png.")
+    parent = path.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"Cannot write {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write {path}: {parent} is not writable.")
+    return path
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
+    """Write `image` as a PNG at `path` (*.png; parent folders created) with `metadata` in text chunks."""
+    path = check_png_path(path)
     info = PngInfo()
     if METADATA_KEY in metadata:
         raise InputError(f"metadata may not have a field named {METADATA_KEY!r}: that key holds the whole dict.")

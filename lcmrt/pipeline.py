@@ -6,10 +6,13 @@ classifier-free guidance when guidance_scale > 1), decode with the VAE.
 """
 from __future__ import annotations
 
+import math
 import secrets
+import threading
 import time
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +26,61 @@ from .sampler import LCMSampler
 from .tokenizer import PromptTokenizer
 
 MAX_STEPS = 50  # LCM's original_inference_steps for SD1.5; more steps than that are not an LCM schedule
+# One call holds all its images in memory until the last is decoded (float32 [N, H, W, 3] plus the PIL copies:
+# ~16 MB per 1024x1024 image) and a typo like 10000 would run for hours first; more images take a loop of calls.
+MAX_NUM_IMAGES = 64
 OUTPUTS = ("pil", "np", "latent")
 PROMPT_CACHE_SIZE = 32  # real-time loops repeat a handful of prompts
 RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+_FP32_VAE = "vae_decoder_fp32"  # the session an overflowing fp16 VAE decoder falls back to, loaded on demand
+
+
+class _SharedLock:
+    """Readers-writer lock: generations hold it shared (they run concurrently), `set_adapters` alone. A waiting
+    swap blocks new generations, so a stream of them cannot starve it. Not re-entrant: code that holds it
+    calls the unlocked internals (`_encode`), never the public methods."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 class Pipeline:
+    """Prompt to images with one engine folder. Safe to share between threads: concurrent calls run in
+    parallel; `set_adapters` waits for the calls running and applies to the calls that start after it;
+    `last_seed`, `last_timings` and `last_precisions` are those of the calling thread's last call."""
+
     def __init__(self, folder: Path, manifest: Manifest, sessions: dict, tokenizer: PromptTokenizer, backend_name: str,
                  bank: AdapterBank, active: dict[str, float]):
         self.folder = folder
@@ -40,14 +92,36 @@ class Pipeline:
         self._active = active  # refittable adapters -> weight (0 = inactive)
         self.shapes = manifest.shapes
         self.scheduler_config = manifest.scheduler_config
-        self.last_timings: dict = {}
-        self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = _SharedLock()  # generations share it, set_adapters holds it alone
+        self._thread = threading.local()  # last_seed, last_timings, last_precisions
+        # prompt -> (adapter set of the text encoder's weights, embeddings [1, 77, D]); LRU under _cache_lock
+        self._prompt_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._text_encoder_set = _set_key(active)  # the set in effect when the text encoder's weights last changed
+
+    @property
+    def last_seed(self) -> int | None:
+        """The seed of this thread's last call (None before it made one): per thread, like last_timings."""
+        return getattr(self._thread, "seed", None)
+
+    @property
+    def last_timings(self) -> dict:
+        """Seconds per stage of this thread's last call: text_encoder, unet_steps (a list), vae_decode, total."""
+        return getattr(self._thread, "timings", {})
+
+    @property
+    def last_precisions(self) -> dict[str, str]:
+        """The precision each component ran at in this thread's last call (the VAE decoder's is "fp32" where its
+        fp16 graph overflowed and the fp32 one decoded instead)."""
+        return dict(getattr(self._thread, "precisions", {}))
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", adapters: dict[str, float] | None = None,
              **backend_options) -> "Pipeline":
         """Load an engine folder. `adapters` sets the refittable adapters' weights from the start
         (default: the weights they were built with)."""
+        if adapters is not None:
+            _check_adapter_types(adapters)
         folder = Path(folder)
         manifest = read_manifest(folder)
         if backend == "auto" and any(e.backend == "tensorrt" for e in manifest.engines):
@@ -67,8 +141,7 @@ class Pipeline:
             raise EngineFolderError(f"{folder} has no {precision} graphs, so precision={precision!r} would run fp32. "
                                     f"Add them with `lcmrt build --engines-only {folder} {flag}`, or load it without "
                                     "precision.")
-        tok = manifest.tokenizer
-        tokenizer = PromptTokenizer(folder / tok.path, max_length=tok.max_length, pad_token_id=tok.pad_token_id)
+        tokenizer = PromptTokenizer.from_folder(folder, manifest)
         return cls(folder, manifest, sessions, tokenizer, engine.name, bank, active)
 
     @property
@@ -83,157 +156,295 @@ class Pipeline:
         Weights are computed from the pristine base, so any sequence of switches ends in the same state as
         switching once. Transactional: every new weight is computed before any is applied, and if applying
         fails, the components already switched are restored and the previous set stays active."""
-        new = self._bank.check(adapters)
-        updates = self._bank.weights_for(self._active, new)
-        applied = []
-        try:
-            for component, weights in updates.items():
-                self.sessions[component].refit(weights)
-                applied.append(component)
-        except Exception as e:
-            restore = self._bank.weights_for(new, self._active)
+        _check_adapter_types(adapters)
+        with self._lock.exclusive():  # no generation runs with half the components switched
+            new = self._bank.check(adapters)
+            updates = self._bank.weights_for(self._active, new)
+            applied = []
             try:
-                for component in applied:
-                    self.sessions[component].refit(restore[component])
-            except Exception as restore_error:
-                raise AdapterError(
-                    f"Switching adapters to {adapters} failed ({e}), and restoring {', '.join(applied)} failed too "
-                    f"({restore_error}): the pipeline's weights are inconsistent. Load the folder again.") from e
-            raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
-                               f"still active: {e}") from e
-        self._active = new
-        if "text_encoder" in updates:
-            self._prompt_cache.clear()
+                for component, weights in updates.items():
+                    self.sessions[component].refit(weights)
+                    applied.append(component)
+            except Exception as e:
+                restore = self._bank.weights_for(new, self._active)
+                try:
+                    for component in applied:
+                        self.sessions[component].refit(restore[component])
+                except Exception as restore_error:
+                    raise AdapterError(
+                        f"Switching adapters to {adapters} failed ({e}), and restoring {', '.join(applied)} failed "
+                        f"too ({restore_error}): the pipeline's weights are inconsistent. Load the folder again.") from e
+                raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
+                                   f"still active: {e}") from e
+            self._active = new
+            if "text_encoder" in updates:
+                self._text_encoder_set = _set_key(new)
+                with self._cache_lock:
+                    self._prompt_cache.clear()
 
     @property
     def supports_guidance(self) -> bool:
         return 2 * self.shapes.batch in self.shapes.unet_batch_sizes
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
-        """Text embeddings [1, 77, D], cached per prompt (LRU)."""
-        if prompt in self._prompt_cache:
-            self._prompt_cache.move_to_end(prompt)
-            return self._prompt_cache[prompt]
-        ids = self.tokenizer(prompt)  # [1, 77] int64
-        embeds = self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
-        self._prompt_cache[prompt] = embeds
-        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.popitem(last=False)
-        return embeds
+        """Text embeddings [1, 77, D] with the adapters in effect, cached per prompt and adapter set (LRU).
+        Read-only: the array is the cache's."""
+        _check_text("prompt", prompt)
+        with self._lock.shared():
+            return self._encode(prompt)
 
-    def _check_request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, output, num_images, seed):
-        if not isinstance(prompt, str) or not isinstance(negative_prompt, (str, type(None))):
-            raise InputError(f"prompt and negative_prompt must be strings, got {type(prompt).__name__} and "
-                             f"{type(negative_prompt).__name__}; for several images of one prompt pass num_images.")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
-            raise InputError(f"seed={seed!r} must be a non-negative integer, or None for a random seed.")
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise GenerationError(f"num_inference_steps={num_inference_steps!r} is outside 1..{MAX_STEPS}; "
-                                  "LCM needs 2-8 steps for good images (4 is the usual choice).")
-        if guidance_scale > 1 and not self.supports_guidance:
-            raise GenerationError(
-                f"guidance_scale={guidance_scale} needs the unconditional batch, but {self.folder} was built "
-                "with --guidance-mode none. Use guidance_scale <= 1, or rebuild with --guidance-mode cfg.")
-        if output not in OUTPUTS:
-            raise InputError(f"output={output!r} is not one of {', '.join(OUTPUTS)}.")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise InputError(f"num_images={num_images!r} must be a positive integer.")
+    def _encode(self, prompt: str) -> np.ndarray:
+        """encode_prompt for callers that hold self._lock (shared), so the text encoder's weights stay put."""
+        # tagged with the adapter set too: an embedding of other text-encoder weights is never served
+        adapters = self._text_encoder_set
+        with self._cache_lock:
+            cached = self._prompt_cache.get(prompt)
+            if cached is not None and cached[0] == adapters:
+                self._prompt_cache.move_to_end(prompt)
+                return cached[1]
+        ids = self.tokenizer(prompt)  # [1, 77] int64
+        text_encoder = self.sessions["text_encoder"]
+        embeds = text_encoder.run({"input_ids": ids})["last_hidden_state"]
+        if not np.isfinite(embeds).all():
+            raise _non_finite("text encoder", text_encoder, f"for the prompt {prompt[:40]!r}")
+        embeds.flags.writeable = False  # shared by every call that hits the cache
+        with self._cache_lock:
+            self._prompt_cache[prompt] = (adapters, embeds)
+            self._prompt_cache.move_to_end(prompt)
+            while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
+        return embeds
 
     def _latent_shape(self, n: int) -> tuple:
         s = self.shapes
         return (n, s.latent_channels, s.latent_height, s.latent_width)
 
-    def _check_array(self, what: str, array, shape: tuple) -> np.ndarray:
-        array = np.asarray(array)
-        if array.shape != shape:
-            raise GenerationError(f"{what} has shape {list(array.shape)}, but this folder needs {list(shape)} "
-                                  f"(num_images, latent channels, height/8, width/8).")
-        return array.astype(np.float32, copy=False)
-
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 4,
                  guidance_scale: float = 1.0, seed: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil"):
-        self._check_request(prompt, negative_prompt, num_inference_steps, guidance_scale, output, num_images, seed)
+        # every argument is checked before any component runs
+        steps, guidance_scale, seed, num_images = check_request(prompt, negative_prompt, num_inference_steps,
+                                                                guidance_scale, seed, num_images, output)
+        if guidance_scale > 1 and not self.supports_guidance:
+            raise GenerationError(
+                f"guidance_scale={guidance_scale:g} needs the unconditional batch, but {self.folder} was built "
+                "with --guidance-mode none. Use guidance_scale <= 1, or rebuild with --guidance-mode cfg.")
         sampler = LCMSampler.from_config(self.scheduler_config)
-        sampler.set_timesteps(num_inference_steps)
+        sampler.set_timesteps(steps)
         shape = self._latent_shape(num_images)
-        self.last_seed = secrets.randbits(32) if seed is None else int(seed)
-        rng = np.random.default_rng(self.last_seed)
-        latents = (rng.standard_normal(shape, dtype=np.float32) if latents is None
-                   else self._check_array("latents", latents, shape))
+        if latents is not None:
+            latents = _checked_array("latents", latents, shape)
+        if step_noise is not None:
+            if not isinstance(step_noise, (list, tuple)):
+                raise InputError(f"step_noise must be a list of arrays (one per step but the last), got "
+                                 f"{type(step_noise).__name__}.")
+            if len(step_noise) != len(sampler.timesteps) - 1:
+                raise GenerationError(f"step_noise has {len(step_noise)} arrays; {steps} steps need {steps - 1} "
+                                      "(one per step but the last).")
+            step_noise = [_checked_array(f"step_noise[{i}]", a, shape) for i, a in enumerate(step_noise)]
+        seed = secrets.randbits(32) if seed is None else seed
+        self._thread.seed = seed
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
         if step_noise is None:
             step_noise = [rng.standard_normal(shape, dtype=np.float32) for _ in sampler.timesteps[:-1]]
-        elif len(step_noise) != len(sampler.timesteps) - 1:
-            raise GenerationError(f"step_noise has {len(step_noise)} arrays; {num_inference_steps} steps need "
-                                  f"{num_inference_steps - 1} (one per step but the last).")
-        step_noise = [self._check_array(f"step_noise[{i}]", a, shape) for i, a in enumerate(step_noise)]
 
         timings = {"text_encoder": 0.0, "unet_steps": [], "vae_decode": 0.0}
+        ran = {name: self.sessions[name].precision for name in RUNTIME_COMPONENTS
+               if output != "latent" or name != "vae_decoder"}
         start = time.perf_counter()
-        embeds = self._text_embeddings(prompt, negative_prompt, guidance_scale > 1)
-        timings["text_encoder"] = time.perf_counter() - start
-        # the folder's static batch: run num_images in chunks of it (the last chunk padded)
-        n = self.shapes.batch
-        chunks = [slice(i, i + n) for i in range(0, num_images, n)]
-        images = []
-        for chunk in chunks:
-            x = _pad(latents[chunk], n)
-            noise = [_pad(a[chunk], n) for a in step_noise]
-            x = self._denoise(sampler, x, noise, embeds, guidance_scale, timings)
-            images.append(x if output == "latent" else self._decode(x, timings))
+        with self._lock.shared():  # one adapter set for the whole generation
+            embeds = self._text_embeddings(prompt, negative_prompt, guidance_scale > 1)
+            timings["text_encoder"] = time.perf_counter() - start
+            # the folder's static batch: run num_images in chunks of it (the last chunk padded)
+            n = self.shapes.batch
+            images = []
+            for chunk in (slice(i, i + n) for i in range(0, num_images, n)):
+                x = _pad(latents[chunk], n)
+                noise = [_pad(a[chunk], n) for a in step_noise]
+                x = self._denoise(sampler, x, noise, embeds, guidance_scale, timings)
+                images.append(x if output == "latent" else self._decode(x, timings, ran))
         result = np.concatenate(images)[:num_images]
         timings["total"] = time.perf_counter() - start
-        self.last_timings = timings
+        self._thread.timings = timings
+        self._thread.precisions = ran
         return to_pil(result) if output == "pil" else result
 
     def _text_embeddings(self, prompt, negative_prompt, guided: bool) -> np.ndarray:
         """UNet conditioning for one static batch: [N, 77, D], or [2N, 77, D] as (negative, prompt) halves."""
         n = self.shapes.batch
-        cond = np.repeat(self.encode_prompt(prompt), n, axis=0)
+        cond = np.repeat(self._encode(prompt), n, axis=0)
         if not guided:
             return cond
-        uncond = np.repeat(self.encode_prompt(negative_prompt or ""), n, axis=0)
+        uncond = np.repeat(self._encode(negative_prompt or ""), n, axis=0)
         return np.concatenate([uncond, cond])
 
     def _denoise(self, sampler, x, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
         unet = self.sessions["unet"]
         device_loop = unet.denoise_loop(self.shapes.batch)
         if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
-            return device_loop(sampler, x, step_noise, embeds, guidance_scale, timings)
+            x = device_loop(sampler, x, step_noise, embeds, guidance_scale, timings)
+            if not np.isfinite(x).all():  # the device loop returns only the final latents
+                raise _non_finite("UNet", unet, f"in its denoising loop ({len(sampler.timesteps)} steps)")
+            return x
         guided = guidance_scale > 1
+        steps = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             step_start = time.perf_counter()
             sample = np.concatenate([x, x]) if guided else x  # sample: [B, 4, H/8, W/8]
             pred = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
                              "encoder_hidden_states": embeds})["noise_pred"]
+            if not np.isfinite(pred).all():
+                raise _non_finite("UNet", unet, f"at step {i + 1} of {steps} (timestep {t})")
             if guided:
                 uncond, cond = np.split(pred, 2)
                 pred = uncond + np.float32(guidance_scale) * (cond - uncond)
             noise = step_noise[i] if i < len(step_noise) else None
             x = sampler.step(pred, t, x, noise=noise)
             timings["unet_steps"].append(time.perf_counter() - step_start)
+        if not np.isfinite(x).all():  # finite predictions, yet guidance or the sampler overflowed float32
+            raise GenerationError(f"The latents overflowed float32 (NaN/inf) after {steps} steps at guidance_scale="
+                                  f"{guidance_scale:g}; use a guidance_scale in the usual 1-2 range.")
         return x
 
-    def _decode(self, latents, timings) -> np.ndarray:
+    def _decode(self, latents, timings, ran: dict[str, str]) -> np.ndarray:
         start = time.perf_counter()
         vae = self.sessions["vae_decoder"]
         image = vae.run({"latents": latents})["image"]  # [N, 3, H, W] in ~[-1, 1]
-        if vae.precision != "fp32" and not np.isfinite(image).all():
+        if not np.isfinite(image).all():
+            if vae.precision == "fp32":
+                raise _non_finite("VAE decoder", vae, "for finite latents")
             warnings.warn(f"The {vae.precision} VAE decoder overflowed (NaN/inf in the image); decoding again with "
                           "the fp32 VAE decoder on the CPU. Rebuild without --fp16-vae to avoid this.", stacklevel=3)
-            image = self._fp32_vae().run({"latents": latents})["image"]
+            fallback = self._fp32_vae()
+            image = fallback.run({"latents": latents})["image"]
+            if not np.isfinite(image).all():
+                raise _non_finite("VAE decoder", fallback, f"for finite latents (after the {vae.precision} one did)")
+            ran["vae_decoder"] = fallback.precision
         timings["vae_decode"] += time.perf_counter() - start
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # [N, H, W, 3] in [0, 1]
 
-
     def _fp32_vae(self):
-        if "vae_decoder_fp32" not in self.sessions:
-            self.sessions["vae_decoder_fp32"] = get_backend("onnxruntime-cpu").load(self.folder, self.manifest,
-                                                                                   "vae_decoder")
-        return self.sessions["vae_decoder_fp32"]
+        session = self.sessions.get(_FP32_VAE)
+        if session is None:
+            loaded = get_backend("onnxruntime-cpu").load(self.folder, self.manifest, "vae_decoder")
+            session = self.sessions.setdefault(_FP32_VAE, loaded)  # two threads may both load: keep one
+        return session
 
 
 def _pad(batch: np.ndarray, n: int) -> np.ndarray:
     if len(batch) == n:
         return batch
     return np.concatenate([batch, np.zeros((n - len(batch), *batch.shape[1:]), batch.dtype)])
+
+
+# --- checks at the API's edge: every argument, before any component runs ---------------------------------
+
+def _is_int(value) -> bool:
+    """Python or numpy integers; bool is not one (True would pass as 1), nor is 4.0 (no silent rounding)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_number(value) -> float | None:
+    """`value` as a float if it is a finite real number (Python or numpy, not bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _check_text(name: str, text) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{name} is not valid UTF-8 text: character {e.start} is {text[e.start]!r}, a lone surrogate, which is "
+            "what a command-line argument in another encoding becomes. Pass the text as UTF-8 (a UTF-8 locale, "
+            "e.g. LANG=C.UTF-8, or an editor that saves UTF-8).") from None
+
+
+def check_request(prompt, negative_prompt=None, num_inference_steps=4, guidance_scale=1.0, seed=None,
+                  num_images=1, output="pil") -> tuple[int, float, int | None, int]:
+    """Check a generation's arguments that need no engine folder (`lcmrt generate` checks them before it
+    loads one). Returns (num_inference_steps, guidance_scale, seed, num_images) as Python numbers. Integer
+    arguments take Python or numpy integers; bool and floats (even 4.0) are refused."""
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, (str, type(None))):
+        raise InputError(f"prompt and negative_prompt must be strings, got {type(prompt).__name__} and "
+                         f"{type(negative_prompt).__name__}; for several images of one prompt pass num_images.")
+    _check_text("prompt", prompt)
+    if negative_prompt is not None:
+        _check_text("negative_prompt", negative_prompt)
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InputError(f"seed={seed!r} must be a non-negative integer, or None for a random seed.")
+    if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= MAX_STEPS:
+        kind = "" if _is_int(num_inference_steps) else f": it must be an integer, not {type(num_inference_steps).__name__}"
+        raise GenerationError(f"num_inference_steps={num_inference_steps!r} is outside 1..{MAX_STEPS}{kind}; "
+                              "LCM needs 2-8 steps for good images (4 is the usual choice).")
+    guidance = _finite_number(guidance_scale)
+    if guidance is None or abs(guidance) > float(np.finfo(np.float32).max):  # guidance is applied in float32
+        raise InputError(f"guidance_scale={guidance_scale!r} must be a finite number: <= 1 runs without guidance, "
+                         "1-2 is LCM-LoRA's useful range.")
+    if output not in OUTPUTS:
+        raise InputError(f"output={output!r} is not one of {', '.join(OUTPUTS)}.")
+    if not _is_int(num_images) or not 1 <= num_images <= MAX_NUM_IMAGES:
+        raise InputError(f"num_images={num_images!r} must be a positive integer, at most {MAX_NUM_IMAGES} per call "
+                         "(a call holds all its images in memory). For more, call it in a loop, with a new seed "
+                         "per call.")
+    return int(num_inference_steps), guidance, None if seed is None else int(seed), int(num_images)
+
+
+def _checked_array(what: str, array, shape: tuple) -> np.ndarray:
+    """latents or a step_noise array: real numbers of `shape`, finite as float32."""
+    try:
+        values = np.asarray(array)
+    except (TypeError, ValueError):  # ragged nested sequences
+        values = None
+    if values is None or values.dtype.kind not in "iuf":
+        raise InputError(f"{what} must be an array of real numbers, got {type(array).__name__}"
+                         + (f" of {values.dtype}" if values is not None else "") + ".")
+    if values.shape != shape:
+        raise GenerationError(f"{what} has shape {list(values.shape)}, but this folder needs {list(shape)} "
+                              f"(num_images, latent channels, height/8, width/8).")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused below
+        values = values.astype(np.float32, copy=False)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(f"{what} hold NaN or inf ({bad} of {values.size} values): the image would be NaN. "
+                         "Draw them from a standard normal distribution, e.g. numpy.random.default_rng(seed)."
+                         "standard_normal(shape, dtype=numpy.float32).")
+    return values
+
+
+def _non_finite(component: str, session, where: str) -> GenerationError:
+    """The error for NaN/inf out of a component: no image is better than a silently wrong one."""
+    if session.precision != "fp32":
+        fix = (f"Its {session.precision} graph overflowed: run with precision='fp32' (`lcmrt generate "
+               f"--precision fp32`), or rebuild the folder without --{session.precision}.")
+    else:
+        fix = ("The fp32 graph should not do that: its files may be damaged or come from another model. Rebuild "
+               "the folder with `lcmrt build`.")
+    return GenerationError(f"The {component} ({session.precision}) returned NaN/inf {where}, so there is no "
+                           f"image. {fix}")
+
+
+def _check_adapter_types(adapters) -> None:
+    """The shape of an adapter request, before the bank checks names and weights against the folder."""
+    if not isinstance(adapters, dict):
+        raise AdapterError(f"adapters must be a dict {{name: weight}}, e.g. {{'papercut': 0.8}}; got "
+                           f"{type(adapters).__name__}.")
+    for name, weight in adapters.items():
+        if not isinstance(name, str):
+            raise AdapterError(f"Adapter names must be strings, got {name!r} ({type(name).__name__}).")
+        if _finite_number(weight) is None:
+            raise AdapterError(f"Adapter {name!r} has weight {weight!r}; weights must be finite numbers.")
+
+
+def _set_key(active: dict[str, float]) -> tuple:
+    """An adapter set as a hashable key: the adapters with a non-zero weight."""
+    return tuple(sorted((name, weight) for name, weight in active.items() if weight != 0.0))

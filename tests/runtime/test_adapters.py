@@ -1,6 +1,5 @@
 """Refittable adapters (`lcmrt/adapters.py`, `Pipeline.set_adapters`, `lcmrt adapter add/list`): parity with
 fused folders, pristine-base refits, transactional swaps, refusals."""
-import json
 import shutil
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lcmrt.cli import cli
-from lcmrt.errors import AdapterError, LcmrtError, LoraError
+from lcmrt.errors import AdapterError, LoraError
 from lcmrt.images import read_png_metadata
 from lcmrt.manifest import MANIFEST_NAME, load_manifest
 from lcmrt.pipeline import Pipeline

@@ -145,7 +145,7 @@ def test_output_kinds(pipe):
 
 class _CountingSession:
     def __init__(self, session):
-        self.session, self.prompts = session, []
+        self.session, self.prompts, self.precision = session, [], session.precision
 
     def run(self, feeds):
         self.prompts.append(feeds["input_ids"].copy())

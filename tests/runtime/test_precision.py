@@ -38,6 +38,9 @@ def test_fp16_vae_overflow_falls_back_to_fp32(fp16_engine):
         fallback = pipe("a fox", seed=2, output="np")
     assert np.isfinite(fallback).all()
     assert pipe.sessions["vae_decoder_fp32"].precision == "fp32"
+    assert pipe.last_precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    pipe("a fox", seed=2, output="latent")
+    assert pipe.last_precisions == {"text_encoder": "fp16", "unet": "fp16"}
     # the fp32 decoder of the same latents differs from the fp16 one only by fp16 rounding
     assert np.abs(fallback - reference).max() < 0.05
 
