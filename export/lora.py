@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lcmrt.errors import InputError, LoraError
-from lcmrt.manifest import file_sha256
+from lcmrt.manifest import MAX_ADAPTER_NAME, adapter_name_problem, file_sha256
 
 ROLES = ("lcm", "style")
 COMPONENTS = ("unet", "text_encoder")
@@ -62,7 +62,13 @@ class LoraSpec:
 
     def __post_init__(self):
         self.path = Path(self.path)
-        self.name = self.name or self.path.stem
+        if self.name is None:  # the file's stem, with what an adapter name cannot hold replaced by "_"
+            stem = "".join(c if c.isalnum() or c in "_.+- " else "_" for c in self.path.stem.strip())
+            self.name = ("_" + stem if stem[:1] in (".", "+", "-", " ") else stem)[:MAX_ADAPTER_NAME] or "lora"
+        if not isinstance(self.name, str) or (problem := adapter_name_problem(self.name)):
+            raise InputError(f"The adapter name {self.name!r} for {self.path} "
+                             f"{problem if isinstance(self.name, str) else 'is not a string'}. Choose another name "
+                             "(`--name` for `lcmrt adapter add`, NAME=PATH for `--lora`).")
         if self.role not in ROLES:
             raise InputError(f"LoRA role must be one of {', '.join(ROLES)}, got {self.role!r} for {self.path}.")
         try:
@@ -142,8 +148,49 @@ def read_lora_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraError(f"LoRA file {path} is not a readable safetensors file: {_one_line(e)}.") from None
-    raw = header.get("lora_adapter_metadata")
-    return sd, (json.loads(raw) if raw else {})
+    return sd, _adapter_metadata(path, header.get("lora_adapter_metadata"))
+
+
+def _adapter_metadata(path: Path, raw: str | None) -> dict:
+    """diffusers' `lora_adapter_metadata` header ({} if none), checked where lcmrt reads it: per component
+    (`unet.`, `text_encoder.`) a numeric `lora_alpha`, an `alpha_pattern` of {regex: alpha}, a boolean
+    `use_rslora`."""
+    if not raw:
+        return {}
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise LoraError(f"{path}: its lora_adapter_metadata header is not JSON ({_one_line(e)}). Re-save the LoRA "
+                        "with diffusers, or remove the header to use alpha = rank.") from None
+    if not isinstance(metadata, dict):
+        raise LoraError(f"{path}: its lora_adapter_metadata header is not a JSON object. Re-save the LoRA.")
+
+    def bad(key: str, expected: str) -> LoraError:
+        return LoraError(f"{path}: lora_adapter_metadata {key!r} is {json.dumps(metadata[key])[:80]}, expected "
+                         f"{expected}. Re-save the LoRA with diffusers.")
+
+    for key, value in metadata.items():
+        if key.endswith(".lora_alpha") and not _finite_number(value):
+            raise bad(key, "a finite number")
+        if key.endswith(".use_rslora") and not isinstance(value, bool):
+            raise bad(key, "true or false")
+        if key.endswith(".alpha_pattern"):
+            if not isinstance(value, dict) or not all(_finite_number(v) for v in value.values()):
+                raise bad(key, "an object of {module pattern: alpha}")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise LoraError(f"{path}: lora_adapter_metadata {key!r} has the pattern {pattern[:80]!r}, "
+                                    f"which is not a regular expression ({e}). Re-save the LoRA.") from None
+    return metadata
+
+
+def _finite_number(value) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def group_modules(path: Path, sd: dict, metadata: dict) -> tuple[str, dict[str, _FileModule]]:
@@ -174,9 +221,19 @@ def group_modules(path: Path, sd: dict, metadata: dict) -> tuple[str, dict[str, 
             missing = "up" if "down" in p else "down" if "up" in p else "down and up"
             raise LoraError(f"{path}: module {name} has no {missing} weight; the file is truncated or not a LoRA.")
         down, up = p["down"].float(), p["up"].float()
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or 0 in down.shape or 0 in up.shape \
+                or up.shape[2:] not in ((), (1, 1)):
+            raise LoraError(f"{path}: module {name} has factors of shapes down {list(down.shape)} and up "
+                            f"{list(up.shape)}; a LoRA module has down [rank, in] and up [out, rank] (or their "
+                            "convolution forms [rank, in, kh, kw] and [out, rank, 1, 1]) with every size at least 1.")
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise LoraError(f"{path}: module {name} has down rank {rank} but up rank {up.shape[1]}.")
+        alpha = p.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise LoraError(f"{path}: module {name} has an alpha of shape {list(alpha.shape)}; alpha is one number.")
+        if not all(bool(torch.isfinite(t).all()) for t in (down, up) + (() if alpha is None else (alpha.float(),))):
+            raise LoraError(f"{path}: module {name} holds NaN or infinite values; the file is damaged.")
         alpha, scale = _alpha_and_scale(name, rank, p.get("alpha"), metadata)
         modules[name] = _FileModule(name, down, up, alpha, rank, scale)
     return fmt, modules
@@ -185,7 +242,7 @@ def group_modules(path: Path, sd: dict, metadata: dict) -> tuple[str, dict[str, 
 def _alpha_and_scale(name: str, rank: int, alpha_tensor, metadata: dict) -> tuple[float, float]:
     """Effective alpha for one module: its .alpha key, else diffusers' adapter metadata, else alpha = rank."""
     if alpha_tensor is not None:
-        alpha = float(alpha_tensor.float().reshape(-1)[0])
+        alpha = float(alpha_tensor.float().reshape(()))
         return alpha, alpha / rank
     component, _, local = name.partition(".")
     if metadata and f"{component}.lora_alpha" in metadata:

@@ -286,6 +286,47 @@ def test_not_a_lora_names_its_keys(pipe, tmp_path):
         fuse_loras(pipe, [LoraSpec(path, 1.0)])
 
 
+@pytest.mark.parametrize("down, up", [
+    (torch.zeros(0, 8), torch.zeros(8, 0)),  # rank 0
+    (torch.zeros(4, 0), torch.zeros(8, 4)),  # no input features
+    (torch.zeros(4), torch.zeros(8, 4)),  # a vector
+    (torch.zeros(4, 8, 3, 3), torch.zeros(8, 4, 3, 3)),  # up is not 1x1
+], ids=["rank-0", "empty", "1-d", "up-3x3"])
+def test_factors_that_are_no_lora_module_are_refused(pipe, tmp_path, down, up):
+    path = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up}, str(path))
+    with pytest.raises(LoraError, match=r"lora_unet_conv_in has factors of shapes .*every size at least 1"):
+        fuse_loras(pipe, [LoraSpec(path, 1.0)])
+
+
+@pytest.mark.parametrize("tensor, problem", [
+    ({"lora_unet_conv_in.lora_down.weight": torch.full((4, 8), math.nan)}, "NaN or infinite"),
+    ({"lora_unet_conv_in.alpha": torch.ones(2)}, "alpha of shape"),
+], ids=["nan", "alpha-vector"])
+def test_damaged_values_are_refused(pipe, tmp_path, tensor, problem):
+    sd = {"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 8), "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 4)}
+    path = tmp_path / "bad.safetensors"
+    save_file({**sd, **tensor}, str(path))
+    with pytest.raises(LoraError, match=problem):
+        fuse_loras(pipe, [LoraSpec(path, 1.0)])
+
+
+@pytest.mark.parametrize("metadata, problem", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"unet.lora_alpha": "8"}', "expected a finite number"),
+    ('{"unet.lora_alpha": 8, "unet.use_rslora": "yes"}', "expected true or false"),
+    ('{"unet.lora_alpha": 8, "unet.alpha_pattern": {"conv_in": "x"}}', r"expected an object of \{module pattern"),
+    ('{"unet.lora_alpha": 8, "unet.alpha_pattern": {"conv_(in": 4}}', "not a regular expression"),
+], ids=["json", "list", "alpha-string", "rslora-string", "pattern-value", "pattern-regex"])
+def test_bad_adapter_metadata_is_refused(pipe, style, tmp_path, metadata, problem):
+    sd = load_file(str(style))
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(LoraError, match=problem):
+        fuse_loras(pipe, [LoraSpec(path, 1.0)])
+
+
 def test_sdxl_shaped_lora_on_sd15(pipe, tmp_path):
     # SD1.5 names, SDXL shapes (cross-attention dim 2048): peft raises a size mismatch deep inside
     g = torch.Generator().manual_seed(0)
