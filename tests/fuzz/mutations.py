@@ -303,6 +303,12 @@ def _wrong_shape(array: np.ndarray, rnd) -> np.ndarray:
     return np.concatenate([array, array[:1]]) if array.ndim and len(array) else np.ones((2, 2), array.dtype)
 
 
+def _damaged_values(kind: str, key: str, tensors: dict, metadata, rnd) -> "Mutation":
+    """One tensor of a pack or LoRA file given another dtype, or NaN/inf values."""
+    tensors[key], detail = (_wrong_dtype if kind == "dtype" else _non_finite)(tensors[key], rnd)
+    return Mutation(kind, key, detail, safetensors_bytes(tensors, metadata))
+
+
 def _wrong_dtype(array: np.ndarray, rnd):
     dtype = rnd.choice(("float16", "float64", "int8", "int32", "int64", "uint8", "bool", "bfloat16"))
     if dtype == "bfloat16":
@@ -350,12 +356,8 @@ def pack_mutation(data: bytes, rnd) -> Mutation:
     if kind == "shape":
         tensors[key] = new = _wrong_shape(tensors[key], rnd)
         return Mutation(kind, key, str(list(new.shape)), safetensors_bytes(tensors, metadata))
-    if kind == "dtype":
-        tensors[key], dtype = _wrong_dtype(tensors[key], rnd)
-        return Mutation(kind, key, dtype, safetensors_bytes(tensors, metadata))
-    if kind == "non-finite":
-        tensors[key], value = _non_finite(tensors[key], rnd)
-        return Mutation(kind, key, value, safetensors_bytes(tensors, metadata))
+    if kind in ("dtype", "non-finite"):
+        return _damaged_values(kind, key, tensors, metadata, rnd)
     down, up = tensors[f"{module}.down"], tensors[f"{module}.up"]
     if kind == "rank-0":
         tensors[f"{module}.down"] = np.zeros((0,) + down.shape[1:], np.float32)
@@ -471,12 +473,8 @@ def lora_mutation(data: bytes, rnd) -> Mutation:
         if (alpha := _alpha(choice)) is not None:
             tensors[alpha_key] = alpha
         return Mutation(kind, alpha_key, show(choice), safetensors_bytes(tensors, metadata))
-    if kind == "dtype":
-        tensors[key], dtype = _wrong_dtype(tensors[key], rnd)
-        return Mutation(kind, key, dtype, safetensors_bytes(tensors, metadata))
-    if kind == "non-finite":
-        tensors[key], value = _non_finite(tensors[key], rnd)
-        return Mutation(kind, key, value, safetensors_bytes(tensors, metadata))
+    if kind in ("dtype", "non-finite"):
+        return _damaged_values(kind, key, tensors, metadata, rnd)
     if kind == "extra":
         name, value = rnd.choice((
             ("junk.weight", np.ones((2, 2), np.float32)),
