@@ -65,10 +65,10 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
             optimize_folder(folder, manifest)
             commit(folder, manifest)
     if req.wants_fp16:
-        from .fp16 import DEFAULT_FP16_COMPONENTS, convert_folder, record_variants
+        from .fp16 import convert_folder, default_fp16_components, record_variants
 
         with stages.stage("FP16 graphs"):
-            components = DEFAULT_FP16_COMPONENTS + (("vae_decoder",) if req.fp16_vae else ())
+            components = default_fp16_components(manifest) + (("vae_decoder",) if req.fp16_vae else ())
             record_variants(folder, convert_folder(folder, components))
             manifest = read_manifest(folder)
     if req.int8:

@@ -35,12 +35,10 @@ from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 FP32_OPS = frozenset({"InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
                       "ReduceMean", "ReduceSumSquare"})
 # Graph inputs whose forward cone, up to the first weighted op, stays fp32.
-FP32_CONE_INPUTS = {"unet": ("timestep",)}
+FP32_CONE_INPUTS = {"unet": ("timestep", "time_ids")}  # time_ids: SDXL's sizes, embedded like the timestep
 _CONE_STOPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 # Inputs that ONNX fixes to float32 whatever the node's data type (Resize: roi, scales; opset >= 11).
 _ALWAYS_FP32_INPUTS = {"Resize": (1, 2)}
-# Which components get an fp16 graph by default (the VAE decoder stays fp32; see the module docstring).
-DEFAULT_FP16_COMPONENTS = ("text_encoder", "unet")
 FP16_MAX = 65504.0
 # Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
 FIDELITY_SEED = 1234
@@ -313,9 +311,16 @@ def measure_fidelity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[s
 _IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 
 
-def convert_folder(folder: str | Path, components: tuple[str, ...] = DEFAULT_FP16_COMPONENTS,
+def default_fp16_components(manifest: Manifest) -> tuple[str, ...]:
+    """The components that get an fp16 graph by default: the text encoders and the UNet (the VAE decoder stays
+    fp32; see the module docstring)."""
+    return (*manifest.family_info.text_encoders, "unet")
+
+
+def convert_folder(folder: str | Path, components: tuple[str, ...] | None = None,
                    seed: int = FIDELITY_SEED) -> dict[str, dict]:
-    """Write fp16 graphs for `components` of an engine folder and measure each against its fp32 graph.
+    """Write fp16 graphs for `components` (default: `default_fp16_components`) of an engine folder and measure
+    each against its fp32 graph.
 
     Returns component -> manifest entry for the fp16 graph, with its "fidelity"; the caller records them
     as the components' fp16 variants (`record_variants`).
@@ -323,6 +328,7 @@ def convert_folder(folder: str | Path, components: tuple[str, ...] = DEFAULT_FP1
     folder = Path(folder)
     manifest = read_manifest(folder)
     vocab, graphs = _vocab_size(folder, manifest), manifest.components
+    components = default_fp16_components(manifest) if components is None else components
     entries = {}
     for component in components:
         if component not in graphs:
@@ -365,6 +371,6 @@ def image_fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
     return {"max_abs_diff": float(np.max(np.abs(reference - test))), "psnr_db": psnr(reference, test)}
 
 
-__all__ = ["DEFAULT_FP16_COMPONENTS", "FP16_SUFFIX", "FP32_OPS", "convert_component", "convert_folder",
+__all__ = ["default_fp16_components", "FP16_SUFFIX", "FP32_OPS", "convert_component", "convert_folder",
            "convert_model", "example_inputs", "fp32_nodes", "image_fidelity", "measure_fidelity", "psnr", "record_variants"]
 

@@ -35,7 +35,6 @@ MIN_TRT = (10, 0)  # execute_async_v3 / named tensors / build_serialized_network
 REFIT_INDIVIDUAL_SINCE = (10, 2)
 STRONG_TYPING_ALWAYS_SINCE = (11, 0)
 # Components the runtime loads; the VAE encoder only serves img2img and is built on request.
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # Workspace cap when none is given: enough for SD1.5 UNet tactics at 512x512 while leaving an 8 GB card
 # room for the engines themselves; Jetson users should pass a smaller one (README, "Jetson").
 DEFAULT_WORKSPACE = 2 << 30
@@ -238,7 +237,7 @@ def current_key(device_id: int = 0) -> EngineKey:
     return EngineKey(gpu_compute_capability(device_id), trt.__version__)
 
 
-def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMPONENTS, precision: str = "fp16",
+def build_engines(folder: str | Path, components: tuple[str, ...] | None = None, precision: str = "fp16",
                   workspace: int | str | None = None, optimization_level: int | None = None,
                   device_id: int = 0, key: EngineKey | None = None, fp16_flag_for_fp32_graphs: bool = False,
                   log=print) -> list[dict]:
@@ -252,6 +251,7 @@ def build_engines(folder: str | Path, components: tuple[str, ...] = DEFAULT_COMP
     folder = Path(folder)
     manifest = read_manifest(folder)
     graphs = manifest.components
+    components = manifest.family_info.components if components is None else components
     key = key or current_key(device_id)
     trt_version = key.trt_version
     (folder / key.dirname).mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
 """Refittable adapters, build side: adapter packs and the refit map.
 
 An adapter pack (`adapters/NAME.safetensors`) holds one LoRA's low-rank factors keyed by lcmrt module
-names (`unet.<module path>`, `text_encoder.<module path>`), so the runtime can compute
+names (`unet.<module path>`, `text_encoder.<module path>`, SDXL's `text_encoder_2.<module path>`), so the runtime can compute
 `W = W_base + sum_i w_i * scale_i * up_i @ down_i` with numpy alone. diffusers resolves each file's key
 format onto the model (lcmrt never converts formats itself) and `lora.locate_lora` proves where every
 module landed.
 
-The refit map says, for every Linear/Conv2d weight of the UNet and text encoder, which ONNX initializer
+The refit map says, for every Linear/Conv2d weight of the UNet and text encoders, which ONNX initializer
 holds it, whether the exporter transposed it (constant folding stores `x @ W.T` weights as `W.T`), and
 where its pristine bytes sit in the graph's external data file. It is derived by value: the initializer
 whose bytes equal the module's weight (or its transpose). A weight the exporter changed in any other way
@@ -27,29 +27,53 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from ..errors import AdapterError
+from ..families import PENULTIMATE_HIDDEN_STATE, Family
 from ..folder_update import changing, commit, fresh_graph_name, scratch_folder
 from ..manifest import ADAPTER_DIR, REFIT_INPUTS, Manifest, file_sha256, read_manifest
 from .lora import LoraSpec, locate_lora
 
 PACK_FORMAT = "lcmrt-adapter/1"
-REFITTABLE_COMPONENTS = ("text_encoder", "unet")
+REFITTABLE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # those the model has (text_encoder_2: SDXL)
 # External data offsets aligned to pages, so the runtime (and ONNX Runtime) can memory-map each weight.
 _ALIGN = 4096
+
+
+def refittable_components(pipe) -> list[str]:
+    """The components of `pipe` adapters can target."""
+    return [comp for comp in REFITTABLE_COMPONENTS if getattr(pipe, comp, None) is not None]
 
 
 def module_weights(pipe) -> dict[str, torch.Tensor]:
     """Every LoRA-targetable weight: {"unet.<path>": weight} for Linear and Conv2d layers."""
     weights = {}
-    for comp in REFITTABLE_COMPONENTS:
+    for comp in refittable_components(pipe):
         for name, module in getattr(pipe, comp).named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 weights[f"{comp}.{name}"] = module.weight.detach()
     return weights
 
 
-def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, allow_pickle: bool = False) -> dict:
-    """Write `out_dir/adapters/<name>.safetensors` for one LoRA; return its manifest record (not fused)."""
+def unused_modules(pipe, family: Family) -> set[str]:
+    """Modules the folder's graphs do not contain because no output depends on them: the last layer of a text
+    encoder whose penultimate hidden state is all the UNet reads (SDXL's first; its second also gives the pooled
+    projection, which runs through every layer). A LoRA's update of them changes no image."""
+    unused = set()
+    for comp in family.text_encoders:
+        if family.hidden_state != PENULTIMATE_HIDDEN_STATE or comp == family.pooled_text_encoder:
+            continue
+        model = getattr(pipe, comp)
+        [(path, layers)] = [(n, m) for n, m in model.named_modules() if n.endswith("encoder.layers")]
+        prefix = f"{path}.{len(layers) - 1}."
+        unused |= {f"{comp}.{name}" for name, _ in model.named_modules() if name.startswith(prefix)}
+    return unused
+
+
+def pack_adapter(pipe, spec: LoraSpec, out_dir: Path, family: Family, allow_pickle: bool = False) -> dict:
+    """Write `out_dir/adapters/<name>.safetensors` for one LoRA; return its manifest record (not fused). Modules
+    no output depends on (`unused_modules`) are left out of the pack and its targets."""
     record, modules = locate_lora(pipe, spec, allow_pickle)
+    unused = unused_modules(pipe, family)
+    modules = {(comp, mname): fm for (comp, mname), fm in modules.items() if f"{comp}.{mname}" not in unused}
     tensors = {}
     for (comp, mname), fm in modules.items():
         key = f"{comp}.{mname}"
@@ -141,22 +165,29 @@ def _externalize(model: onnx.ModelProto, graph_path: Path, names: set[str]) -> d
 
 def model_configs(pipe) -> dict:
     """The UNet and text encoder configs, so `lcmrt adapter add` can rebuild the module tree offline."""
-    return {"unet": json.loads(json.dumps(dict(pipe.unet.config), default=list)),
-            "text_encoder": pipe.text_encoder.config.to_dict()}
+    configs = {"unet": json.loads(json.dumps(dict(pipe.unet.config), default=list))}
+    configs.update({comp: getattr(pipe, comp).config.to_dict() for comp in refittable_components(pipe) if comp != "unet"})
+    return configs
 
 
 def _skeleton_pipeline(configs: dict):
-    """A StableDiffusionPipeline holding only a UNet and text encoder of the folder's architecture, with
-    uninitialized weights: enough for diffusers to resolve a LoRA's module names, at no init cost."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A pipeline holding only the UNet and text encoder(s) of the folder's architecture (SDXL's when there
+    is a text_encoder_2), with uninitialized weights: enough for diffusers to resolve a LoRA's module names,
+    at no init cost."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
-    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder.to_empty(device="cpu"), tokenizer=None,
-                                   unet=unet.to_empty(device="cpu"), scheduler=None, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        models = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))}
+        if "text_encoder_2" in configs:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+    models = {name: model.to_empty(device="cpu") for name, model in models.items()}
+    if "text_encoder_2" in models:
+        return StableDiffusionXLPipeline(vae=None, tokenizer=None, tokenizer_2=None, scheduler=None,
+                                         add_watermarker=False, **models)
+    return StableDiffusionPipeline(vae=None, tokenizer=None, scheduler=None, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False, **models)
 
 
 def _check_addable(folder: Path, manifest: Manifest, spec: LoraSpec) -> None:
@@ -176,7 +207,8 @@ def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dic
         _check_addable(folder, manifest, spec)  # again, as the previous writer left it
         scratch = scratch_folder(folder)
         try:
-            record = pack_adapter(_skeleton_pipeline(manifest.model_configs), spec, scratch, allow_pickle)
+            record = pack_adapter(_skeleton_pipeline(manifest.model_configs), spec, scratch, manifest.family_info,
+                                  allow_pickle)
             unmapped = sorted(set(record["targets"]) - set(manifest.refit_map))
             if unmapped:
                 raise AdapterError(
@@ -203,7 +235,7 @@ def write_refit_input_graphs(folder: Path, manifest: Manifest | dict) -> None:
     manifest = Manifest.of(manifest)
     targets = {m for a in manifest.adapters if not a.fused for m in a.targets}
     refit_map = manifest.refit_map
-    for comp in REFITTABLE_COMPONENTS:
+    for comp in [c for c in REFITTABLE_COMPONENTS if c in manifest.components]:
         entry = manifest.component(comp).graph_fp32
         names = sorted({e.weight for m, e in refit_map.items() if m in targets and e.component == comp})
         graph = folder / fresh_graph_name(folder, manifest, comp, REFIT_INPUTS)  # the old one stays until the commit

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..engines.build import EngineRequest, add_engines, check_engine_request
 from ..errors import InputError
-from ..families import get_family
+from ..families import get_family, tokenizer_key
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
 from ..progress import Stages
 
@@ -27,7 +27,7 @@ _VERSIONED = ("torch", "diffusers", "peft", "transformers", "onnx", "onnxruntime
 class BuildRequest:
     model: str
     out: Path
-    lcm_lora: object  # lcmrt.export.lora.LoraSpec with role "lcm"
+    lcm_lora: object  # lcmrt.export.lora.LoraSpec with role "lcm"; None for a distilled LCM model
     loras: list = field(default_factory=list)  # style LoraSpecs
     height: int = 512
     width: int = 512
@@ -52,6 +52,26 @@ class BuildRequest:
     def is_refittable(self, spec) -> bool:
         return self.refittable_lcm if spec.role == "lcm" else self.refittable
 
+    @property
+    def all_loras(self) -> list:
+        """The LCM-LoRA (if any) and the style LoRAs."""
+        return [spec for spec in (self.lcm_lora, *self.loras) if spec is not None]
+
+
+def check_lcm(req: BuildRequest, unet_config) -> None:
+    """An LCM-LoRA makes a model an LCM; a distilled LCM model (its UNet takes the guidance embedding,
+    `time_cond_proj_dim`) already is one and runs guidance without an unconditional batch."""
+    distilled = bool(unet_config.get("time_cond_proj_dim"))
+    if req.lcm_lora is None and not distilled:
+        raise InputError(f"{req.model} is not a distilled LCM model (its UNet has no time_cond_proj_dim), so it needs "
+                         "the LCM-LoRA: pass --lcm-lora PATH.")
+    if req.lcm_lora is not None and distilled:
+        raise InputError(f"{req.model} is a distilled LCM model already (its UNet takes the guidance scale as an input); "
+                         "leave out --lcm-lora.")
+    if distilled and req.guidance_mode != "none":
+        raise InputError(f"{req.model} is a distilled LCM model: guidance is an input of its UNet and needs no "
+                         "unconditional batch. Build with --guidance-mode none (the default).")
+
 
 def check_request(req: BuildRequest) -> None:
     """Cheap checks before any model is loaded."""
@@ -66,10 +86,10 @@ def check_request(req: BuildRequest) -> None:
     if req.out.exists() and not req.overwrite:
         raise InputError(f"{req.out} already exists. Pass --overwrite to replace it, or choose another --out.")
     if req.out.exists():
-        check_replaceable(req.out, [Path(req.model), *(Path(s.path) for s in [req.lcm_lora, *req.loras]),
+        check_replaceable(req.out, [Path(req.model), *(Path(s.path) for s in req.all_loras),
                                     *([Path(req.config)] if req.config else []),
                                     *([Path(req.vae_decoder)] if req.vae_decoder else [])])
-    for spec in [req.lcm_lora, *req.loras]:
+    for spec in req.all_loras:
         if not Path(spec.path).is_file():
             raise InputError(f"LoRA file {spec.path} does not exist.")
     if req.vae_decoder is not None:
@@ -218,7 +238,7 @@ def _build(req: BuildRequest, stages: Stages, log) -> dict:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
-    from .adapters import (REFITTABLE_COMPONENTS, build_refit_map, model_configs, pack_adapter,
+    from .adapters import (build_refit_map, model_configs, pack_adapter, refittable_components,
                            write_refit_input_graphs)
     from .loading import load_model
     from .lora import fuse_loras
@@ -227,7 +247,8 @@ def _build(req: BuildRequest, stages: Stages, log) -> dict:
     with stages.stage("load model"):
         loaded = load_model(req.model, config=req.config, allow_pickle=req.allow_pickle)
     pipe, family = loaded.pipe, get_family(loaded.family)
-    loras = [req.lcm_lora, *req.loras]
+    check_lcm(req, pipe.unet.config)
+    loras = req.all_loras
     with stages.stage("fuse LoRAs"):
         fused = [spec for spec in loras if not req.is_refittable(spec)]
         adapters = [{**record, "fused": True}
@@ -242,21 +263,22 @@ def _build(req: BuildRequest, stages: Stages, log) -> dict:
     with atomic_folder(req.out, req.overwrite) as tmp:
         if req.keeps_refit_map:
             with stages.stage("pack adapters"):
-                adapters += [pack_adapter(pipe, spec, tmp, req.allow_pickle)
+                adapters += [pack_adapter(pipe, spec, tmp, family, req.allow_pickle)
                              for spec in loras if req.is_refittable(spec)]
         components = {}
-        for spec in component_exports(pipe, shapes, vae_decoder=tiny_vae):
+        vocab_size = min(getattr(pipe, name).config.vocab_size for name in family.text_encoders)
+        for spec in component_exports(pipe, shapes, family, vae_decoder=tiny_vae):
             with stages.stage(f"export {spec.name}"):
-                components[spec.name] = export_component(spec, tmp, vocab_size=pipe.text_encoder.config.vocab_size)
+                components[spec.name] = export_component(spec, tmp, vocab_size=vocab_size)
         components["vae_decoder"]["source"] = (
             type(pipe.vae).__name__ if tiny_vae is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
         refit_map = {}
         if req.keeps_refit_map:
             with stages.stage("refit map"):
                 required = {m for a in adapters if not a["fused"] for m in a["targets"]}
-                refit_map = build_refit_map(
-                    pipe, {c: tmp / components[c]["file"] for c in REFITTABLE_COMPONENTS}, required)
-                for c in REFITTABLE_COMPONENTS:  # the graphs were rewritten with external weights
+                refittable = refittable_components(pipe)
+                refit_map = build_refit_map(pipe, {c: tmp / components[c]["file"] for c in refittable}, required)
+                for c in refittable:  # the graphs were rewritten with external weights
                     components[c]["sha256"] = graph_hashes(tmp, components[c]["file"])
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -265,8 +287,12 @@ def _build(req: BuildRequest, stages: Stages, log) -> dict:
             "shapes": shapes,
             "guidance_mode": req.guidance_mode,
             "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
-            "tokenizer": copy_tokenizer(pipe.tokenizer, tmp),
-            "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor)},
+            **{tokenizer_key(name): copy_tokenizer(getattr(pipe, tokenizer_key(name)), tmp, tokenizer_key(name))
+               for name in family.text_encoders},
+            **({"conditioning": {"force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}}
+               if family.time_ids else {}),
+            "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor),
+                    "force_upcast": bool(pipe.vae.config.get("force_upcast", False))},
             "components": components,
             "adapters": adapters,
             "refittable": req.keeps_refit_map,

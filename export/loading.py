@@ -18,8 +18,11 @@ from ..manifest import file_sha256
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 WEIGHT_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
-# diffusers pipeline class -> lcmrt family
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15"}
+# diffusers pipeline class -> lcmrt family (SDXL's pipeline also serves SSD-1B: see _family_of_unet)
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "LatentConsistencyModelPipeline": "sd15",
+                     "StableDiffusionXLPipeline": "sdxl"}
+# SD1.5 pipelines come with a safety checker lcmrt does not export
+_SD15_OPTIONS = {"sd15": {"safety_checker": None, "requires_safety_checker": False}}
 # One quick Hub look-up before loading: long enough for a slow link, short next to the downloader's retries.
 HUB_TIMEOUT_S = 10
 
@@ -44,7 +47,21 @@ def _family_of(pipeline_class: str, where: str) -> str:
     except KeyError:
         raise ModelLoadError(
             f"{where} is a {pipeline_class}; lcmrt builds {', '.join(PIPELINE_FAMILIES)} models "
-            f"({', '.join(sorted(set(PIPELINE_FAMILIES.values())))}) so far.") from None
+            f"(sd15, sdxl, ssd1b) so far.") from None
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+
+
+def _family_of_unet(family: str, pipe) -> str:
+    """SSD-1B is an SDXL pipeline whose distilled UNet has fewer transformer layers in its up blocks than in its
+    down blocks, which diffusers' config states as `reverse_transformer_layers_per_block`."""
+    if family == "sdxl" and pipe.unet.config.get("reverse_transformer_layers_per_block") is not None:
+        return "ssd1b"
+    return family
 
 
 def _folder_sha256(folder: Path, allow_pickle: bool) -> str:
@@ -66,8 +83,6 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
 
 
 def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline
-
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(
@@ -80,18 +95,16 @@ def _load_folder(folder: Path, allow_pickle: bool) -> LoadedModel:
             f"{folder} holds only pickled weights (.bin/.ckpt), which can run arbitrary code when loaded. "
             "Convert them to .safetensors, or pass --allow-pickle if you trust the source.")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
-            local_files_only=True, use_safetensors=None if allow_pickle else True)
+        pipe = _pipeline_class(family).from_pretrained(
+            folder, torch_dtype=torch.float32, local_files_only=True, use_safetensors=None if allow_pickle else True,
+            **_SD15_OPTIONS.get(family, {}))
     except Exception as e:
         raise ModelLoadError(f"Loading the diffusers folder {folder} failed: {_one_line(e)}.") from e
     source = {"kind": "diffusers", "id": str(folder.resolve()), "sha256": _folder_sha256(folder, allow_pickle)}
-    return LoadedModel(pipe, family, source)
+    return LoadedModel(pipe, _family_of_unet(family, pipe), source)
 
 
 def _load_single_file(path: Path, config: str | None, allow_pickle: bool) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline
-
     _refuse_pickle(path, allow_pickle)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise InputError(f"{path} is not a model: expected a diffusers folder or a .safetensors checkpoint.")
@@ -102,17 +115,20 @@ def _load_single_file(path: Path, config: str | None, allow_pickle: bool) -> Loa
             f"{path} is a single-file checkpoint, and HF_HUB_OFFLINE is set, so its architecture's config cannot "
             "be fetched from the Hugging Face Hub. Offline, pass --config pointing at a diffusers folder (or its "
             "config) of the same architecture, e.g. --config path/to/stable-diffusion-v1-5.")
+    # the architecture is --config's (an SDXL folder for an SDXL checkpoint); without one, SD1.x
+    index = Path(config or "") / "model_index.json"
+    family = _family_of(json.loads(index.read_text()).get("_class_name", "?"), config) if index.is_file() else "sd15"
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config, torch_dtype=torch.float32, safety_checker=None,
-            requires_safety_checker=False, local_files_only=config is not None)
+        pipe = _pipeline_class(family).from_single_file(
+            str(path), config=config, torch_dtype=torch.float32, local_files_only=config is not None,
+            **_SD15_OPTIONS.get(family, {}))
     except Exception as e:
         hint = ("Offline, a single-file checkpoint needs --config pointing at a diffusers folder (or its "
                 "config) of the same architecture, e.g. --config path/to/stable-diffusion-v1-5."
                 if config is None else "Check that --config is a diffusers folder of the same architecture.")
         raise ModelLoadError(f"Loading the checkpoint {path} failed ({_one_line(e)}). {hint}") from e
     source = {"kind": "single_file", "id": str(path.resolve()), "sha256": file_sha256(path)}
-    return LoadedModel(pipe, "sd15", source)  # from_single_file above only builds SD1.x pipelines
+    return LoadedModel(pipe, _family_of_unet(family, pipe), source)
 
 
 def _hub_offline() -> bool:
@@ -153,8 +169,8 @@ def _load_hub(model_id: str, allow_pickle: bool) -> LoadedModel:
         config = DiffusionPipeline.load_config(model_id)
         family = _family_of(config.get("_class_name", "?"), model_id)
         pipe = DiffusionPipeline.from_pretrained(
-            model_id, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
-            use_safetensors=None if allow_pickle else True)
+            model_id, torch_dtype=torch.float32, use_safetensors=None if allow_pickle else True,
+            **_SD15_OPTIONS.get(family, {}))
     except ModelLoadError:
         raise
     except Exception as e:
@@ -163,7 +179,7 @@ def _load_hub(model_id: str, allow_pickle: bool) -> LoadedModel:
             f"({_one_line(e)}). If you are offline, download the model elsewhere and pass its local diffusers "
             "folder; check the spelling of the path otherwise.") from e
     source = {"kind": "hub", "id": model_id, "sha256": None}
-    return LoadedModel(pipe, family, source)
+    return LoadedModel(pipe, _family_of_unet(family, pipe), source)
 
 
 def load_model(model: str, config: str | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -178,6 +194,8 @@ def load_model(model: str, config: str | None = None, allow_pickle: bool = False
         raise InputError(f"Model {model} does not exist. Pass a diffusers folder, a .safetensors checkpoint, "
                          "or a hub id like org/name.")
     loaded.pipe.to(torch.float32)
-    for module in (loaded.pipe.unet, loaded.pipe.vae, loaded.pipe.text_encoder):
-        module.eval()
+    for module in (loaded.pipe.unet, loaded.pipe.vae, loaded.pipe.text_encoder,
+                   getattr(loaded.pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.eval()
     return loaded

@@ -24,7 +24,7 @@ from lcmrt.errors import InputError, LoraError
 from lcmrt.manifest import MAX_ADAPTER_NAME, adapter_name_problem, file_sha256
 
 ROLES = ("lcm", "style")
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # those a pipeline has: SDXL's second text encoder
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # A fused weight must equal the independent reconstruction to FUSE_RTOL relative to the weight's largest
@@ -198,15 +198,14 @@ def group_modules(path: Path, sd: dict, metadata: dict) -> tuple[str, dict[str, 
     parts: dict[str, dict] = {}
     formats, unknown = set(), []
     for key, value in sd.items():
-        for pattern, fmt, part in _KEY_PATTERNS:
-            m = pattern.match(key)
-            if m:
-                parts.setdefault(m.group(1), {})[part] = value
-                if fmt:
-                    formats.add(fmt)
-                break
-        else:
+        split = _split_key(key)
+        if split is None:
             unknown.append(key)
+            continue
+        name, fmt, part = split
+        parts.setdefault(name, {})[part] = value
+        if fmt:
+            formats.add(fmt)
     if unknown or not formats:
         few = ", ".join(unknown[:_FEW] or list(sd)[:_FEW]) or "(no tensors)"
         raise LoraError(
@@ -237,6 +236,15 @@ def group_modules(path: Path, sd: dict, metadata: dict) -> tuple[str, dict[str, 
         alpha, scale = _alpha_and_scale(name, rank, p.get("alpha"), metadata)
         modules[name] = _FileModule(name, down, up, alpha, rank, scale)
     return fmt, modules
+
+
+def _split_key(key: str) -> tuple[str, str | None, str] | None:
+    """(module name, format, part) of one LoRA key; None if it is no LoRA key."""
+    for pattern, fmt, part in _KEY_PATTERNS:
+        m = pattern.match(key)
+        if m:
+            return m.group(1), fmt, part
+    return None
 
 
 def _alpha_and_scale(name: str, rank: int, alpha_tensor, metadata: dict) -> tuple[float, float]:
@@ -409,7 +417,7 @@ def fuse_loras(pipe, loras: list[LoraSpec], allow_pickle: bool = False) -> list[
                         f"(e.g. {', '.join(leaks[:_FEW])}); the fuse did not complete.")
     errors = _verify(pipe, loras, matches, before)
 
-    return [_record(spec, fmt, modules, match, err)
+    return [_record(pipe, spec, fmt, modules, match, err)
             for (spec, sd, fmt, modules), match, err in zip(files, matches, errors)]
 
 
@@ -424,14 +432,15 @@ def locate_lora(pipe, spec: LoraSpec, allow_pickle: bool = False) -> tuple[dict,
     finally:
         if _wrapped_layers(pipe):
             pipe.unload_lora_weights()
-    return _record(spec, fmt, modules, match, None), match
+    return _record(pipe, spec, fmt, modules, match, None), match
 
 
-def _record(spec: LoraSpec, fmt: str, modules: dict, match: dict, fuse_error: float | None) -> dict:
-    """The manifest record of one LoRA."""
+def _record(pipe, spec: LoraSpec, fmt: str, modules: dict, match: dict, fuse_error: float | None) -> dict:
+    """The manifest record of one LoRA: its modules counted per component of the pipeline."""
     return {
         "name": spec.name, "role": spec.role, "path": str(spec.path), "sha256": file_sha256(spec.path),
-        "format": fmt, "weight": spec.weight, "modules": {c: sum(k[0] == c for k in match) for c in COMPONENTS},
+        "format": fmt, "weight": spec.weight,
+        "modules": {c: sum(k[0] == c for k in match) for c in COMPONENTS if getattr(pipe, c, None) is not None},
         "ranks": sorted({m.rank for m in modules.values()}),
         "alphas": sorted({m.alpha for m in modules.values()}),
         "max_fuse_error": fuse_error,
@@ -444,11 +453,37 @@ def _load(pipe, spec: LoraSpec, sd: dict, modules: dict[str, _FileModule]) -> No
     try:
         pipe.load_lora_weights(source, adapter_name=spec.name)
     except Exception as e:
+        failed = f"diffusers could not load LoRA {spec.name!r} ({spec.path}): {_one_line(e)}."
+        unmappable = _unmappable(pipe, sd)
+        if unmappable:
+            raise LoraError(
+                f"{failed} {len(unmappable)} of {len(modules)} modules in the file have names that diffusers cannot "
+                f"map onto this model (e.g. {', '.join(sorted(unmappable)[:_FEW])}): they name blocks this model "
+                "does not have, so the LoRA was made for another UNet layout or the file is damaged. Use a LoRA "
+                "trained for this model, or remove those modules from the file.") from None
         misfit = _shape_misfits(pipe, modules)
         raise LoraError(
-            f"diffusers could not load LoRA {spec.name!r} ({spec.path}): {_one_line(e)}. {misfit} of "
-            f"{len(modules)} modules in the file fit no layer of this model by shape; the likely cause is a LoRA "
-            "for another architecture (e.g. an SDXL LoRA on an SD1.5 model) or a damaged file.") from None
+            f"{failed} {misfit} of {len(modules)} modules in the file fit no layer of this model by shape; the "
+            "likely cause is a LoRA for another architecture (e.g. an SDXL LoRA on an SD1.5 model) or a damaged "
+            "file.") from None
+
+
+def _unmappable(pipe, sd: dict) -> list[str]:
+    """File modules whose keys diffusers' name conversion (kohya and SGM block names -> diffusers) rejects on
+    their own: its errors (e.g. 'Invalid middle block id 3.') name no key, so each module is tried alone."""
+    keys: dict[str, list[str]] = {}
+    for key in sd:
+        split = _split_key(key)
+        if split is not None:
+            keys.setdefault(split[0], []).append(key)
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    bad = []
+    for name, names in keys.items():
+        try:
+            pipe.lora_state_dict({k: sd[k] for k in names}, unet_config=config)
+        except Exception:
+            bad.append(name)
+    return bad
 
 
 def _verify(pipe, loras, matches, before) -> list[float]:

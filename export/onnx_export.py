@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..engines.graphs import save_graph
 from ..errors import ExportError
+from ..families import LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS, TIME_IDS, Family
+from ..guidance import TIMESTEP_COND
 from ..manifest import TOKENIZER_DIR, TOKENIZER_FILE, file_sha256
 
 # opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
@@ -30,23 +32,37 @@ VALIDATION_SEED = 1234
 
 
 class TextEncoderGraph(torch.nn.Module):
-    def __init__(self, text_encoder):
+    """SD1.5: the last hidden state. SDXL: the penultimate hidden state (diffusers' `hidden_states[-2]`, before
+    the final layer norm), and for the second encoder also its pooled projection `text_embeds`."""
+
+    def __init__(self, text_encoder, outputs: list[str]):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.outputs = text_encoder, outputs
 
     def forward(self, input_ids):
-        # last_hidden_state: [1, 77, D]
-        return self.text_encoder(input_ids, return_dict=False)[0]
+        out = self.text_encoder(input_ids, output_hidden_states=PENULTIMATE_HIDDEN_STATE in self.outputs)
+        values = {LAST_HIDDEN_STATE: lambda: out.last_hidden_state,  # [1, 77, D]
+                  PENULTIMATE_HIDDEN_STATE: lambda: out.hidden_states[-2],  # [1, 77, D]
+                  TEXT_EMBEDS: lambda: out.text_embeds}  # [1, P]
+        return tuple(values[name]() for name in self.outputs)
 
 
 class UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
+    """Takes the UNet's conditioning as named inputs after `encoder_hidden_states`: SDXL's `text_embeds` and
+    `time_ids`, a distilled LCM UNet's guidance embedding `timestep_cond`."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def __init__(self, unet, extra_inputs: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet, self.extra_inputs = unet, extra_inputs
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
         # noise_pred: [B, 4, H/8, W/8]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        named = dict(zip(self.extra_inputs, extra))
+        added = {name: named[name] for name in (TEXT_EMBEDS, TIME_IDS) if name in named}
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        if TIMESTEP_COND in named:
+            kwargs["timestep_cond"] = named[TIMESTEP_COND]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -90,22 +106,30 @@ class ComponentExport:
     dim_values: dict[str, list[int]] = field(default_factory=dict)  # symbolic dim -> allowed sizes
 
 
-def component_exports(pipe, shapes: dict, vae_decoder=None) -> list[ComponentExport]:
+def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> list[ComponentExport]:
     """The graphs an engine folder holds, with the shapes of the build's profile; `vae_decoder` (e.g. an
     AutoencoderTiny) replaces the pipeline's VAE for decoding."""
     n, lh, lw = shapes["batch"], shapes["latent_height"], shapes["latent_width"]
     c, t = shapes["latent_channels"], shapes["text_length"]
-    d = pipe.text_encoder.config.hidden_size
     unet_batches = shapes["unet_batch_sizes"]
     unet_batch = unet_batches[0] if len(unet_batches) == 1 else "unet_batch"
+    text_encoders = []
+    for name in family.text_encoders:
+        outputs = [family.hidden_state] + ([TEXT_EMBEDS] if name == family.pooled_text_encoder else [])
+        text_encoders.append(ComponentExport(name, TextEncoderGraph(getattr(pipe, name), outputs),
+                                             {"input_ids": ((1, t), "int64")}, outputs))
+    unet_inputs = {"sample": ((unet_batch, c, lh, lw), "float32"),
+                   "timestep": ((1,), "float32"),
+                   "encoder_hidden_states": ((unet_batch, t, pipe.unet.config.cross_attention_dim), "float32")}
+    if family.time_ids:  # SDXL: the pooled prompt and the size/crop conditioning
+        pooled = getattr(pipe, family.pooled_text_encoder).config.projection_dim
+        unet_inputs.update({TEXT_EMBEDS: ((unet_batch, pooled), "float32"), TIME_IDS: ((unet_batch, 6), "float32")})
+    if pipe.unet.config.get("time_cond_proj_dim"):  # a distilled LCM UNet: guidance is an input
+        unet_inputs[TIMESTEP_COND] = ((unet_batch, pipe.unet.config.time_cond_proj_dim), "float32")
+    extra_inputs = tuple(list(unet_inputs)[3:])
     return [
-        ComponentExport("text_encoder", TextEncoderGraph(pipe.text_encoder),
-                        {"input_ids": ((1, t), "int64")}, ["last_hidden_state"]),
-        ComponentExport("unet", UNetGraph(pipe.unet),
-                        {"sample": ((unet_batch, c, lh, lw), "float32"),
-                         "timestep": ((1,), "float32"),
-                         "encoder_hidden_states": ((unet_batch, t, d), "float32")},
-                        ["noise_pred"],
+        *text_encoders,
+        ComponentExport("unet", UNetGraph(pipe.unet, extra_inputs), unet_inputs, ["noise_pred"],
                         {"unet_batch": unet_batches} if unet_batch == "unet_batch" else {}),
         ComponentExport("vae_decoder", VaeDecoderGraph(pipe.vae if vae_decoder is None else vae_decoder),
                         {"latents": ((n, c, lh, lw), "float32")}, ["image"]),
@@ -125,6 +149,10 @@ def _example_inputs(spec: ComponentExport, vocab_size: int, batch_for: dict[str,
         elif name == "timestep":
             arrays[name] = rng.uniform(0, 999, size=shape).astype(np.float32)
         elif name == "image":
+            arrays[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif name == TIME_IDS:  # sizes and crop offsets in pixels
+            arrays[name] = rng.integers(0, 1024, size=shape).astype(np.float32)
+        elif name == TIMESTEP_COND:  # sines and cosines
             arrays[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
         else:
             arrays[name] = rng.standard_normal(shape, dtype=np.float32)
@@ -213,16 +241,16 @@ def graph_hashes(out_dir: Path, graph_name: str) -> dict[str, str]:
     return {name: file_sha256(out_dir / name) for name in files}
 
 
-def copy_tokenizer(tokenizer, out_dir: Path) -> dict:
-    """Save the tokenizer files the runtime's `tokenizers` loader reads; return the manifest entry."""
-    target = out_dir / TOKENIZER_DIR
+def copy_tokenizer(tokenizer, out_dir: Path, folder: str = TOKENIZER_DIR) -> dict:
+    """Save the tokenizer files the runtime's `tokenizers` loader reads into `folder`; return the manifest entry."""
+    target = out_dir / folder
     tokenizer.save_pretrained(str(target))
-    if not (target / "tokenizer.json").is_file():
+    if not (target / TOKENIZER_FILE).is_file():
         shutil.rmtree(target)
         raise ExportError("The model's tokenizer could not be saved as tokenizer.json (a fast tokenizer is "
                           "needed by the runtime). Use a model whose tokenizer folder has tokenizer.json.")
-    file = f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"
-    return {"path": TOKENIZER_DIR, "sha256": {file: file_sha256(out_dir / file)},
+    file = f"{folder}/{TOKENIZER_FILE}"
+    return {"path": folder, "sha256": {file: file_sha256(out_dir / file)},
             "max_length": int(tokenizer.model_max_length),
             "pad_token_id": int(tokenizer.pad_token_id), "bos_token_id": int(tokenizer.bos_token_id),
             "eos_token_id": int(tokenizer.eos_token_id)}

@@ -95,7 +95,7 @@ def peak_rss_bytes() -> int:
 
 
 def stage_flops(manifest: Manifest | dict, guided: bool) -> dict[str, float]:
-    """FLOPs of one text-encoder call, one UNet step and one VAE decode of a folder's static batch.
+    """FLOPs of one prompt encoding (all text encoders), one UNet step and one VAE decode of a folder's static batch.
 
     The manifest records each graph's FLOPs at the largest batch it accepts; the UNet runs the static batch,
     or twice it with classifier-free guidance, so its FLOPs are scaled to the batch actually run."""
@@ -103,7 +103,8 @@ def stage_flops(manifest: Manifest | dict, guided: bool) -> dict[str, float]:
     shapes = manifest.shapes
     unet_batch = shapes.batch * (2 if guided else 1)
     return {
-        "text_encoder": float(manifest.component("text_encoder").number("flops") or 0.0),
+        "text_encoder": sum(float(manifest.component(name).number("flops") or 0.0)  # both of SDXL's
+                            for name in manifest.family_info.text_encoders),
         "unet_step": float(manifest.component("unet").number("flops") or 0.0) * unet_batch / max(shapes.unet_batch_sizes),
         "vae_decode": float(manifest.component("vae_decoder").number("flops") or 0.0),
     }

@@ -38,7 +38,7 @@ def cli(ctx, debug):
 
 @cli.command("random-model")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--arch", default="sd15", show_default=True, help="Model family.")
+@click.option("--arch", type=click.Choice(["sd15", "sdxl", "ssd1b"]), default="sd15", show_default=True, help="Model family.")
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
               help="tiny: seconds to build, for tests; full: the real architecture, for benchmarks.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
@@ -65,7 +65,8 @@ def _console(quiet: bool):
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--lcm-lora", "lcm_lora", help="The LCM-LoRA file (kohya, diffusers or peft format). Required.")
+@click.option("--lcm-lora", "lcm_lora", help="The LCM-LoRA file (kohya, diffusers or peft format). Required unless "
+              "MODEL is a distilled LCM model (its UNet takes the guidance scale as an input).")
 @click.option("--lcm-weight", default=1.0, show_default=True, help="Weight of the LCM-LoRA.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH[:WEIGHT]",
               help="A style LoRA to fuse, optionally named and weighted; repeatable.")
@@ -126,14 +127,15 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
         engines.ort_cpu_graphs = ort_cpu_graphs and backend == "onnxruntime"
         manifest = add_engines(folder, engines, stages, log)
     else:
-        missing = [name for name, value in (("MODEL", model), ("--lcm-lora", lcm_lora), ("--out", out)) if not value]
+        missing = [name for name, value in (("MODEL", model), ("--out", out)) if not value]
         if missing:
             raise InputError(f"lcmrt build needs {', '.join(missing)} (or --engines-only FOLDER). See `lcmrt build --help`.")
         from .export.build import BuildRequest, build_engine_folder
         from .export.lora import LoraSpec, parse_lora_arg
 
         request = BuildRequest(
-            model=model, out=out, lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm"),
+            model=model, out=out,
+            lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm") if lcm_lora else None,
             loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
             refittable=refittable, refittable_lcm=refittable_lcm, vae_decoder=vae_decoder, engines=engines)

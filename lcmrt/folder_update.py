@@ -23,8 +23,8 @@ _GRAPH_SUFFIXES = (".onnx", ".onnx.data")
 
 
 def referenced_files(manifest: Manifest) -> set[str]:
-    """Every file the manifest names: graphs and their data, variants, tokenizer, adapter packs, engines."""
-    names = {manifest.tokenizer.file}
+    """Every file the manifest names: graphs and their data, variants, tokenizers, adapter packs, engines."""
+    names = {tokenizer.file for tokenizer in manifest.tokenizers.values()}
     for component in manifest.components.values():
         for graph in (component.graph_fp32, *component.variants.values()):
             names.update(graph.sha256)

@@ -513,14 +513,26 @@ class Manifest:
     def validate(self) -> "Manifest":
         """Read every part once, so that a folder of the wrong shape fails on load, not mid-generation."""
         _field(self.data, "format_version", int, "the document")
-        _ = (self.family, self.guidance_mode, self.shapes, self.scheduler_config, self.tokenizer,
+        _ = (self.family, self.guidance_mode, self.shapes, self.scheduler_config, self.tokenizers,
+             self.force_zeros_for_empty_prompt,
              self.vae_scaling_factor, self.adapters, self.refit_map, self.engines, self.refittable, self.model_configs,
              [component.dim_values for component in self.components.values()])
         return self
 
     @property
     def family(self) -> str:
-        return _field(self.data, "family", str, "the document")
+        return self.family_info.name
+
+    @property
+    def family_info(self):
+        """The folder's model family (lcmrt.families.Family): its components and how prompts condition the UNet."""
+        from .families import FAMILIES
+
+        name = _field(self.data, "family", str, "the document")
+        if name not in FAMILIES:
+            raise _error("family", f"is {json.dumps(name)[:60]}, a model family this lcmrt does not know "
+                                   f"({', '.join(FAMILIES)})", "Upgrade lcmrt, or rebuild the folder with this version.")
+        return FAMILIES[name]
 
     @property
     def guidance_mode(self) -> str:
@@ -536,17 +548,34 @@ class Manifest:
 
     @property
     def tokenizer(self) -> TokenizerInfo:
-        tok = _field(self.data, "tokenizer", dict, "the document")
-        folder = _relative_file(tok, "path", "tokenizer")
+        """The first text encoder's tokenizer."""
+        return self._tokenizer_info(TOKENIZER_DIR)
+
+    @property
+    def tokenizers(self) -> dict[str, TokenizerInfo]:
+        """{text encoder component: its tokenizer}, for every text encoder of the folder's family."""
+        from .families import tokenizer_key
+
+        return {encoder: self._tokenizer_info(tokenizer_key(encoder)) for encoder in self.family_info.text_encoders}
+
+    def _tokenizer_info(self, key: str) -> TokenizerInfo:
+        tok = _field(self.data, key, dict, "the document")
+        folder = _relative_file(tok, "path", key)
         file = f"{folder}/{TOKENIZER_FILE}"
-        hashes = _hashes(tok, "sha256", "tokenizer")
+        hashes = _hashes(tok, "sha256", key)
         if file not in hashes:
-            raise _error("tokenizer.sha256", f"has no hash of {file!r}", REBUILD)
-        max_length, pad = _field(tok, "max_length", int, "tokenizer"), _field(tok, "pad_token_id", int, "tokenizer")
+            raise _error(f"{key}.sha256", f"has no hash of {file!r}", REBUILD)
+        max_length, pad = _field(tok, "max_length", int, key), _field(tok, "pad_token_id", int, key)
         if not 2 <= max_length <= SHAPE_LIMITS["text_length"] or pad < 0:
-            raise _error("tokenizer", f"has max_length {max_length} and pad_token_id {pad}; expected 2.."
-                                      f"{SHAPE_LIMITS['text_length']} and a token id", REBUILD)
+            raise _error(key, f"has max_length {max_length} and pad_token_id {pad}; expected 2.."
+                              f"{SHAPE_LIMITS['text_length']} and a token id", REBUILD)
         return TokenizerInfo(folder, file, hashes[file], max_length, pad)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's rule: with guidance and an empty negative prompt, the negative conditioning is zeros."""
+        return _field(_field(self.data, "conditioning", dict, "the document", {}), "force_zeros_for_empty_prompt",
+                      bool, "conditioning", False)
 
     @property
     def vae_scaling_factor(self) -> float:

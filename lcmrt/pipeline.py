@@ -1,8 +1,9 @@
 """`lcmrt.Pipeline`: prompt to images from an engine folder, with numpy and a backend only (no torch).
 
-Reads top to bottom like diffusers' StableDiffusionPipeline + LCMScheduler (LCM-LoRA, arXiv 2311.05556):
-tokenize and encode the prompt, draw latents, run the LCM sampler loop over the UNet (with classic
-classifier-free guidance when guidance_scale > 1), decode with the VAE.
+Reads top to bottom like diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for the SDXL
+families) + LCMScheduler (LCM-LoRA, arXiv 2311.05556): tokenize and encode the prompt, draw latents, run the
+LCM sampler loop over the UNet (with classic classifier-free guidance when guidance_scale > 1), decode with
+the VAE. What differs between families is how the prompt conditions the UNet (`lcmrt.families`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import numpy as np
 from .adapters import AdapterBank
 from .backends import get_backend
 from .errors import AdapterError, EngineFolderError, GenerationError, InputError
+from .families import TEXT_EMBEDS, TIME_IDS
+from .guidance import TIMESTEP_COND, guidance_embedding
 from .images import to_pil
 from .manifest import Manifest, read_manifest
 from .sampler import LCMSampler
@@ -31,7 +34,6 @@ MAX_STEPS = 50  # LCM's original_inference_steps for SD1.5; more steps than that
 MAX_NUM_IMAGES = 64
 OUTPUTS = ("pil", "np", "latent")
 PROMPT_CACHE_SIZE = 32  # real-time loops repeat a handful of prompts
-RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 _FP32_VAE = "vae_decoder_fp32"  # the session an overflowing fp16 VAE decoder falls back to, loaded on demand
 
 
@@ -81,12 +83,14 @@ class Pipeline:
     parallel; `set_adapters` waits for the calls running and applies to the calls that start after it;
     `last_seed`, `last_timings` and `last_precisions` are those of the calling thread's last call."""
 
-    def __init__(self, folder: Path, manifest: Manifest, sessions: dict, tokenizer: PromptTokenizer, backend_name: str,
-                 bank: AdapterBank, active: dict[str, float]):
+    def __init__(self, folder: Path, manifest: Manifest, sessions: dict, tokenizers: dict[str, PromptTokenizer],
+                 backend_name: str, bank: AdapterBank, active: dict[str, float]):
         self.folder = folder
         self.manifest = manifest
+        self.family = manifest.family_info
         self.sessions = sessions
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # text encoder component -> its tokenizer
+        self.tokenizer = tokenizers["text_encoder"]
         self.backend = backend_name
         self._bank = bank
         self._active = active  # refittable adapters -> weight (0 = inactive)
@@ -94,10 +98,15 @@ class Pipeline:
         self.scheduler_config = manifest.scheduler_config
         self._lock = _SharedLock()  # generations share it, set_adapters holds it alone
         self._thread = threading.local()  # last_seed, last_timings, last_precisions
-        # prompt -> (adapter set of the text encoder's weights, embeddings [1, 77, D]); LRU under _cache_lock
-        self._prompt_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
+        # prompt -> (adapter set of the text encoders' weights, its conditioning); LRU under _cache_lock
+        self._prompt_cache: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._text_encoder_set = _set_key(active)  # the set in effect when the text encoder's weights last changed
+        self._text_encoder_set = _set_key(active)  # the set in effect when the text encoders' weights last changed
+        unet_inputs = {t.name: t for t in manifest.component("unet").inputs}
+        self._guidance_dim = unet_inputs[TIMESTEP_COND].shape[-1] if TIMESTEP_COND in unet_inputs else None
+        if self._guidance_dim is not None and not (isinstance(self._guidance_dim, int) and 2 <= self._guidance_dim <= 4096):
+            raise EngineFolderError(f"manifest.json: the UNet's {TIMESTEP_COND} input has the width "
+                                    f"{self._guidance_dim!r}; expected 2..4096. Rebuild the folder with `lcmrt build`.")
 
     @property
     def last_seed(self) -> int | None:
@@ -133,7 +142,7 @@ class Pipeline:
         active = bank.check(bank.defaults() if adapters is None else adapters)
         initial = bank.weights_for({}, active)
         sessions = {}
-        for name in RUNTIME_COMPONENTS:
+        for name in manifest.family_info.components:
             sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
         precision = backend_options.get("precision")
         if precision not in (None, "fp32") and all(s.precision != precision for s in sessions.values()):
@@ -141,8 +150,8 @@ class Pipeline:
             raise EngineFolderError(f"{folder} has no {precision} graphs, so precision={precision!r} would run fp32. "
                                     f"Add them with `lcmrt build --engines-only {folder} {flag}`, or load it without "
                                     "precision.")
-        tokenizer = PromptTokenizer.from_folder(folder, manifest)
-        return cls(folder, manifest, sessions, tokenizer, engine.name, bank, active)
+        tokenizers = {encoder: PromptTokenizer.from_folder(folder, info) for encoder, info in manifest.tokenizers.items()}
+        return cls(folder, manifest, sessions, tokenizers, engine.name, bank, active)
 
     @property
     def adapters(self) -> dict[str, float]:
@@ -177,24 +186,31 @@ class Pipeline:
                 raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
                                    f"still active: {e}") from e
             self._active = new
-            if "text_encoder" in updates:
+            if set(updates) & set(self.family.text_encoders):
                 self._text_encoder_set = _set_key(new)
                 with self._cache_lock:
                     self._prompt_cache.clear()
 
     @property
     def supports_guidance(self) -> bool:
-        return 2 * self.shapes.batch in self.shapes.unet_batch_sizes
+        """guidance_scale > 1 works: by classifier-free guidance, or as the input of a distilled LCM UNet."""
+        return 2 * self.shapes.batch in self.shapes.unet_batch_sizes or self.guidance_embedded
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
-        """Text embeddings [1, 77, D] with the adapters in effect, cached per prompt and adapter set (LRU).
-        Read-only: the array is the cache's."""
+    @property
+    def guidance_embedded(self) -> bool:
+        """The UNet is a distilled LCM model's: guidance_scale is its input (`lcmrt.guidance`), no second batch."""
+        return self._guidance_dim is not None
+
+    def encode_prompt(self, prompt: str) -> dict[str, np.ndarray]:
+        """The prompt's UNet conditioning with the adapters in effect, cached per prompt and adapter set (LRU):
+        {"encoder_hidden_states": [1, 77, D]}, and for the SDXL families also {"text_embeds": [1, P]} (the
+        second text encoder's pooled projection). Read-only: the arrays are the cache's."""
         _check_text("prompt", prompt)
         with self._lock.shared():
             return self._encode(prompt)
 
-    def _encode(self, prompt: str) -> np.ndarray:
-        """encode_prompt for callers that hold self._lock (shared), so the text encoder's weights stay put."""
+    def _encode(self, prompt: str) -> dict[str, np.ndarray]:
+        """encode_prompt for callers that hold self._lock (shared), so the text encoders' weights stay put."""
         # tagged with the adapter set too: an embedding of other text-encoder weights is never served
         adapters = self._text_encoder_set
         with self._cache_lock:
@@ -202,18 +218,25 @@ class Pipeline:
             if cached is not None and cached[0] == adapters:
                 self._prompt_cache.move_to_end(prompt)
                 return cached[1]
-        ids = self.tokenizer(prompt)  # [1, 77] int64
-        text_encoder = self.sessions["text_encoder"]
-        embeds = text_encoder.run({"input_ids": ids})["last_hidden_state"]
-        if not np.isfinite(embeds).all():
-            raise _non_finite("text encoder", text_encoder, f"for the prompt {prompt[:40]!r}")
-        embeds.flags.writeable = False  # shared by every call that hits the cache
+        hidden, conditioning = [], {}
+        for name in self.family.text_encoders:
+            session = self.sessions[name]
+            out = session.run({"input_ids": self.tokenizers[name](prompt)})  # input_ids: [1, 77] int64
+            if not all(np.isfinite(a).all() for a in out.values()):
+                raise _non_finite(name.replace("_", " "), session, f"for the prompt {prompt[:40]!r}")
+            hidden.append(out[self.family.hidden_state])
+            if name == self.family.pooled_text_encoder:
+                conditioning[TEXT_EMBEDS] = out[TEXT_EMBEDS]  # [1, P]
+        # SDXL: both encoders' hidden states side by side, [1, 77, 768 + 1280]
+        conditioning["encoder_hidden_states"] = hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1)
+        for array in conditioning.values():
+            array.flags.writeable = False  # shared by every call that hits the cache
         with self._cache_lock:
-            self._prompt_cache[prompt] = (adapters, embeds)
+            self._prompt_cache[prompt] = (adapters, conditioning)
             self._prompt_cache.move_to_end(prompt)
             while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
                 self._prompt_cache.popitem(last=False)
-        return embeds
+        return conditioning
 
     def _latent_shape(self, n: int) -> tuple:
         s = self.shapes
@@ -221,14 +244,23 @@ class Pipeline:
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 4,
                  guidance_scale: float = 1.0, seed: int | None = None, num_images: int = 1,
-                 latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil"):
+                 latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil",
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None):
+        """Images for `prompt`. The SDXL families also take diffusers' size conditioning: `original_size` and
+        `target_size` ((height, width), default the folder's size) and `crops_coords_top_left` ((top, left))."""
         # every argument is checked before any component runs
         steps, guidance_scale, seed, num_images = check_request(prompt, negative_prompt, num_inference_steps,
                                                                 guidance_scale, seed, num_images, output)
+        time_ids = self._time_ids(original_size, crops_coords_top_left, target_size)
         if guidance_scale > 1 and not self.supports_guidance:
             raise GenerationError(
                 f"guidance_scale={guidance_scale:g} needs the unconditional batch, but {self.folder} was built "
                 "with --guidance-mode none. Use guidance_scale <= 1, or rebuild with --guidance-mode cfg.")
+        if self.guidance_embedded and negative_prompt is not None:
+            raise InputError(f"{self.folder} holds a distilled LCM UNet: guidance_scale is its input and no "
+                             "unconditional batch runs, so a negative prompt would have no effect. Leave it out.")
+        cfg_scale = 1.0 if self.guidance_embedded else guidance_scale  # > 1: classifier-free guidance
         sampler = LCMSampler.from_config(self.scheduler_config)
         sampler.set_timesteps(steps)
         shape = self._latent_shape(num_images)
@@ -251,11 +283,13 @@ class Pipeline:
             step_noise = [rng.standard_normal(shape, dtype=np.float32) for _ in sampler.timesteps[:-1]]
 
         timings = {"text_encoder": 0.0, "unet_steps": [], "vae_decode": 0.0}
-        ran = {name: self.sessions[name].precision for name in RUNTIME_COMPONENTS
+        ran = {name: self.sessions[name].precision for name in self.family.components
                if output != "latent" or name != "vae_decoder"}
         start = time.perf_counter()
         with self._lock.shared():  # one adapter set for the whole generation
-            embeds = self._text_embeddings(prompt, negative_prompt, guidance_scale > 1)
+            conditioning = self._conditioning(prompt, negative_prompt, cfg_scale > 1, time_ids)
+            if self.guidance_embedded:
+                conditioning[TIMESTEP_COND] = guidance_embedding(guidance_scale, self._guidance_dim, self.shapes.batch)
             timings["text_encoder"] = time.perf_counter() - start
             # the folder's static batch: run num_images in chunks of it (the last chunk padded)
             n = self.shapes.batch
@@ -263,7 +297,7 @@ class Pipeline:
             for chunk in (slice(i, i + n) for i in range(0, num_images, n)):
                 x = _pad(latents[chunk], n)
                 noise = [_pad(a[chunk], n) for a in step_noise]
-                x = self._denoise(sampler, x, noise, embeds, guidance_scale, timings)
+                x = self._denoise(sampler, x, noise, conditioning, cfg_scale, timings)
                 images.append(x if output == "latent" else self._decode(x, timings, ran))
         result = np.concatenate(images)[:num_images]
         timings["total"] = time.perf_counter() - start
@@ -271,20 +305,47 @@ class Pipeline:
         self._thread.precisions = ran
         return to_pil(result) if output == "pil" else result
 
-    def _text_embeddings(self, prompt, negative_prompt, guided: bool) -> np.ndarray:
-        """UNet conditioning for one static batch: [N, 77, D], or [2N, 77, D] as (negative, prompt) halves."""
-        n = self.shapes.batch
-        cond = np.repeat(self._encode(prompt), n, axis=0)
-        if not guided:
-            return cond
-        uncond = np.repeat(self._encode(negative_prompt or ""), n, axis=0)
-        return np.concatenate([uncond, cond])
+    def _time_ids(self, original_size, crops_coords_top_left, target_size) -> np.ndarray | None:
+        """SDXL's micro-conditioning as diffusers builds it: original_size + crops_coords_top_left + target_size,
+        [1, 6] float32; None for a family without it."""
+        if not self.family.time_ids:
+            if original_size is not None or target_size is not None or tuple(crops_coords_top_left) != (0, 0):
+                raise InputError(f"original_size, crops_coords_top_left and target_size condition SDXL-family "
+                                 f"UNets; this folder is {self.family.name}. Leave them out.")
+            return None
+        size = (self.shapes.height, self.shapes.width)
+        values = []
+        for name, pair in (("original_size", original_size or size), ("crops_coords_top_left", crops_coords_top_left),
+                           ("target_size", target_size or size)):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) and 0 <= v <= 1 << 16
+                                                                                for v in pair)):
+                raise InputError(f"{name}={pair!r} must be two non-negative integers (height, width) or (top, left).")
+            values += [int(v) for v in pair]
+        return np.array([values], dtype=np.float32)
 
-    def _denoise(self, sampler, x, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
+    def _conditioning(self, prompt, negative_prompt, guided: bool, time_ids) -> dict[str, np.ndarray]:
+        """The UNet's conditioning inputs for one static batch of N: encoder_hidden_states [N, 77, D] (and for
+        the SDXL families text_embeds [N, P], time_ids [N, 6]), or 2N rows as (negative, prompt) halves."""
+        n = self.shapes.batch
+        cond = dict(self._encode(prompt))
+        if time_ids is not None:
+            cond[TIME_IDS] = time_ids
+        if not guided:
+            return {k: np.repeat(v, n, axis=0) for k, v in cond.items()}
+        if negative_prompt is None and self.manifest.force_zeros_for_empty_prompt:
+            # SDXL's rule (diffusers: force_zeros_for_empty_prompt): no negative prompt -> zero embeddings
+            uncond = {k: np.zeros_like(v) for k, v in cond.items() if k != TIME_IDS}
+        else:
+            uncond = dict(self._encode(negative_prompt or ""))
+        if time_ids is not None:
+            uncond[TIME_IDS] = time_ids
+        return {k: np.concatenate([np.repeat(uncond[k], n, axis=0), np.repeat(v, n, axis=0)]) for k, v in cond.items()}
+
+    def _denoise(self, sampler, x, step_noise, conditioning, guidance_scale, timings) -> np.ndarray:
         unet = self.sessions["unet"]
         device_loop = unet.denoise_loop(self.shapes.batch)
         if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
-            x = device_loop(sampler, x, step_noise, embeds, guidance_scale, timings)
+            x = device_loop(sampler, x, step_noise, conditioning, guidance_scale, timings)
             if not np.isfinite(x).all():  # the device loop returns only the final latents
                 raise _non_finite("UNet", unet, f"in its denoising loop ({len(sampler.timesteps)} steps)")
             return x
@@ -294,7 +355,7 @@ class Pipeline:
             step_start = time.perf_counter()
             sample = np.concatenate([x, x]) if guided else x  # sample: [B, 4, H/8, W/8]
             pred = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
-                             "encoder_hidden_states": embeds})["noise_pred"]
+                             **conditioning})["noise_pred"]
             if not np.isfinite(pred).all():
                 raise _non_finite("UNet", unet, f"at step {i + 1} of {steps} (timestep {t})")
             if guided:

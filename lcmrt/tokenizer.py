@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import EngineFolderError
-from .manifest import REBUILD, TOKENIZER_FILE, Manifest, folder_file, verify_files
+from .manifest import REBUILD, TOKENIZER_FILE, TokenizerInfo, folder_file, verify_files
 
 END_OF_WORD = "</w>"
 
@@ -37,9 +37,8 @@ class PromptTokenizer:
         self.pad_token_id = pad_token_id
 
     @classmethod
-    def from_folder(cls, folder: str | Path, manifest: Manifest) -> "PromptTokenizer":
-        """The engine folder's tokenizer, after checking its file against the manifest's hash."""
-        info = manifest.tokenizer
+    def from_folder(cls, folder: str | Path, info: TokenizerInfo) -> "PromptTokenizer":
+        """One of the engine folder's tokenizers (`Manifest.tokenizers`), after checking its file's hash."""
         verify_files(folder, {info.file: info.sha256})
         return cls(folder_file(folder, info.path), max_length=info.max_length, pad_token_id=info.pad_token_id)
 

@@ -13,22 +13,24 @@ STYLE_WEIGHT = 0.8
 CROSS_GRAPH_ATOL = 1e-5
 
 
-def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, **overrides):
-    """Build an engine folder from the tiny model: LCM-LoRA at 1.0 plus the style LoRA."""
+def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, lcm=True, **overrides):
+    """Build an engine folder from the tiny model: LCM-LoRA at 1.0 (unless not `lcm`) plus the style LoRA."""
     from lcmrt.export.build import BuildRequest, build_engine_folder
     from lcmrt.export.lora import LoraSpec
 
     loras = [] if style_weight is None else [LoraSpec(tiny_model["style_lora"], weight=style_weight, name="style")]
     request = BuildRequest(model=str(tiny_model["model"]), out=out,
-                           lcm_lora=LoraSpec(tiny_model["lcm_lora"], weight=1.0, name="lcm", role="lcm"),
+                           lcm_lora=LoraSpec(tiny_model["lcm_lora"], weight=1.0, name="lcm", role="lcm") if lcm else None,
                            loras=loras, height=TINY_HEIGHT, width=TINY_WIDTH, guidance_mode=guidance_mode,
                            **overrides)
     build_engine_folder(request)
     return out
 
 
-def diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, guidance=1.0, negative_prompt=None):
-    """diffusers' image for explicit latents, with LCMScheduler's per-step noise replaced by `step_noise`."""
+def diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, guidance=1.0, negative_prompt=None,
+                    **call):
+    """diffusers' image for explicit latents, with LCMScheduler's per-step noise replaced by `step_noise`;
+    `call`: the pipeline's other arguments (SDXL's original_size, target_size, ...)."""
     import torch
     from diffusers.schedulers import scheduling_lcm
 
@@ -41,11 +43,29 @@ def diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, 
 
     monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
     with torch.no_grad():
-        image = reference(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, latents=torch.from_numpy(latents.copy()), output_type="np").images
+        if negative_prompt is not None:  # diffusers' LCM pipeline takes none
+            call["negative_prompt"] = negative_prompt
+        image = reference(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                          latents=torch.from_numpy(latents.copy()), output_type="np", **call).images
     assert next(draws, None) is None, "diffusers drew fewer noise arrays than steps - 1"
     monkeypatch.undo()
     return image
+
+
+def diff_to_diffusers(pipe, reference, monkeypatch, prompt, latents, step_noise, steps, guidance=1.0,
+                      negative_prompt=None, **call) -> float:
+    """Max abs difference of the [0, 1] images of lcmrt's `pipe` and diffusers' `reference` for the same prompt,
+    latents and per-step noise (`call`: other arguments both take)."""
+    import numpy as np
+
+    expected = diffusers_image(reference, monkeypatch, prompt, latents, step_noise, steps, guidance, negative_prompt,
+                               **dict(call))
+    extra = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents, step_noise=step_noise,
+                 output="np", **extra, **call)
+    assert image.shape == expected.shape == (latents.shape[0], TINY_HEIGHT, TINY_WIDTH, 3)
+    assert image.dtype == np.float32
+    return float(np.abs(image - expected).max())
 
 
 def assert_swaps_match(pipe, reference, weights, atol, **call):

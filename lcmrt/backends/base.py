@@ -32,8 +32,9 @@ class Session(ABC):
         """Run once; every input by name, every output returned by name."""
 
     def denoise_loop(self, batch: int):
-        """For a UNet session: a device-resident LCM loop `(sampler, latents, step_noise, embeds,
-        guidance_scale, timings) -> latents`, or None to run the loop in numpy on the host."""
+        """For a UNet session: a device-resident LCM loop `(sampler, latents, step_noise, conditioning,
+        guidance_scale, timings) -> latents` (conditioning: the UNet's other inputs by name), or None to run the
+        loop in numpy on the host."""
         return None
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:

@@ -421,13 +421,14 @@ class CudaGraphDenoiser:
         self._graphs[key] = (graph, pool, self.unet.weights_version)
         return graph
 
-    def __call__(self, sampler, latents: np.ndarray, step_noise: list[np.ndarray], embeds: np.ndarray,
+    def __call__(self, sampler, latents: np.ndarray, step_noise: list[np.ndarray], conditioning: dict[str, np.ndarray],
                  guidance_scale: float, timings: dict | None = None) -> np.ndarray:
-        """Run every step of `sampler`'s timesteps; returns the final latents (host, float32)."""
+        """Run every step of `sampler`'s timesteps; returns the final latents (host, float32). `conditioning`:
+        the UNet's other inputs (encoder_hidden_states, and text_embeds, time_ids for SDXL) at the step batch."""
         with self.unet._run_lock:  # the loop's buffers and graphs, and the UNet's, serve one loop at a time
-            return self._run(sampler, latents, step_noise, embeds, guidance_scale, timings)
+            return self._run(sampler, latents, step_noise, conditioning, guidance_scale, timings)
 
-    def _run(self, sampler, latents, step_noise, embeds, guidance_scale, timings) -> np.ndarray:
+    def _run(self, sampler, latents, step_noise, conditioning, guidance_scale, timings) -> np.ndarray:
         cp, unet, stream = self.cp, self.unet, self.unet.stream
         guided = guidance_scale > 1
         unet.set_batch(2 * self.n if guided else self.n)
@@ -438,7 +439,8 @@ class CudaGraphDenoiser:
             for i in {0, steps - 1}:
                 graphs[sampler.step_coefficients(i).final] = self._graph(sampler.step_coefficients(i), guided)
         with stream:
-            unet.view("encoder_hidden_states", embeds.shape[0]).set(np.ascontiguousarray(embeds), stream=stream)
+            for name, value in conditioning.items():
+                unet.view(name, value.shape[0]).set(np.ascontiguousarray(value), stream=stream)
             self.x.set(np.ascontiguousarray(latents, dtype=np.float32), stream=stream)
             self.guidance.set(np.asarray(guidance_scale, dtype=np.float32), stream=stream)
             noise_all = cp.asarray(np.stack(step_noise).astype(np.float32)) if step_noise else None

@@ -106,7 +106,7 @@ def test_cuda_graph_loop_matches_numpy_loop(trt_folder, guidance_scale, use_grap
 
     denoiser = CudaGraphDenoiser(unet, batch=1, use_graphs=use_graphs)
     for _ in range(2):  # the second call replays the captured graphs
-        got = denoiser(sampler, latents, noise, embeds, guidance_scale)
+        got = denoiser(sampler, latents, noise, {"encoder_hidden_states": embeds}, guidance_scale)
         np.testing.assert_allclose(got, x, atol=1e-4, rtol=1e-4)
     if use_graphs:
         assert denoiser.eager_reason is None, denoiser.eager_reason

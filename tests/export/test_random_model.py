@@ -1,4 +1,5 @@
-"""lcmrt.export.random_model: random-weight SD1.5 models and their LoRA files."""
+"""lcmrt.export.random_model: random-weight SD1.5, SDXL and SSD-1B models and their LoRA files."""
+import json
 import logging
 import warnings
 
@@ -9,19 +10,35 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from lcmrt.errors import InputError
-from lcmrt.export.random_model import (LCM_LORA_TARGETS, SD15_FULL, SD15_TINY, STYLE_KEY_PREFIXES,
-                                       STYLE_TEXT_TARGETS, STYLE_UNET_TARGETS, target_modules,
+from lcmrt.export.random_model import (LCM_LORA_TARGETS, PRESETS, SD15_FULL, SD15_TINY, STYLE_KEY_PREFIXES,
+                                       STYLE_TEXT_TARGETS, STYLE_UNET_TARGETS, get_preset, target_modules,
                                        write_random_model)
+
+XL_ARCHS = ("sdxl", "ssd1b")
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "ssd1b": "StableDiffusionXLPipeline"}
 
 
 def _files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _load_pipeline(model):
-    from diffusers import StableDiffusionPipeline
+def _load_pipeline(model, arch="sd15"):
+    import diffusers
 
-    return StableDiffusionPipeline.from_pretrained(model)
+    return getattr(diffusers, PIPELINES[arch]).from_pretrained(model)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model, tmp_path_factory):
+    """arch -> the paths of its tiny random model, seed 0, written on first use (sd15: the session's)."""
+    written = {"sd15": tiny_model}
+
+    def get(arch):
+        if arch not in written:
+            written[arch] = write_random_model(tmp_path_factory.mktemp(arch) / "tiny", arch=arch, size="tiny", seed=0)
+        return written[arch]
+    return get
 
 
 def test_tiny_model_loads_as_sd15_pipeline(tiny_model):
@@ -155,23 +172,17 @@ def test_style_lora_is_peft_format_on_unet_and_text_encoder(tiny_model):
         assert np.abs(b).max() > 0
 
 
-@pytest.mark.parametrize("role", ["lcm_lora", "style_lora"])
-def test_diffusers_wraps_every_module_of_the_file(tiny_model, role):
-    """FIELD-NOTES' trap: diffusers can skip modules with only a log line. Count what it wrapped."""
+def _component_of(key):
+    """The pipeline component a LoRA key (peft or kohya naming) belongs to."""
+    if key.startswith(("text_encoder_2.", "lora_te2_")):
+        return "text_encoder_2"
+    return "text_encoder" if key.startswith(("text_encoder.", "lora_te_", "lora_te1_")) else "unet"
+
+
+def _load_lora_checked(pipe, path, adapter):
+    """pipe.load_lora_weights, failing on any sign that diffusers skipped part of the file (FIELD-NOTES' trap:
+    diffusers can skip modules with only a log line)."""
     from diffusers.utils import logging as diffusers_logging
-    from peft.tuners.lora import LoraLayer
-
-    pipe = _load_pipeline(tiny_model["model"])
-    sd = load_file(tiny_model[role])
-    expected = {"unet": 0, "text_encoder": 0}
-    for key in sd:
-        if key.endswith((".lora_down.weight", ".lora_A.weight")):
-            expected["text_encoder" if key.startswith(("text_encoder.", "lora_te_")) else "unet"] += 1
-
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        base = pipe.unet(x, 500, ctx).sample
 
     messages = []
     handler = logging.Handler()
@@ -180,7 +191,7 @@ def test_diffusers_wraps_every_module_of_the_file(tiny_model, role):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(tiny_model[role], adapter_name="a")
+            pipe.load_lora_weights(path, adapter_name=adapter)
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
     messages += [str(w.message) for w in caught]
@@ -188,7 +199,40 @@ def test_diffusers_wraps_every_module_of_the_file(tiny_model, role):
     for bad in ("unexpected keys", "missing keys", "skipp", "not found in the base model"):
         assert not [m for m in messages if bad in m.lower()], messages
 
-    for component in ("unet", "text_encoder"):
+
+def _unet_inputs(pipe):
+    """(sample, timestep, encoder_hidden_states) and kwargs for a seeded call of the pipeline's UNet."""
+    config = pipe.unet.config
+    x = torch.randn(1, 4, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    kwargs = {}
+    if config.addition_embed_type == "text_time":  # SDXL's pooled text embedding and size/crop ids
+        pooled = torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=torch.Generator().manual_seed(2))
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+    return (x, 500, ctx), kwargs
+
+
+@pytest.mark.parametrize("role", ["lcm_lora", "style_lora"])
+@pytest.mark.parametrize("arch", ["sd15", *XL_ARCHS])
+def test_diffusers_wraps_every_module_of_the_file(tiny_models, arch, role):
+    """Every module the file names is wrapped, in every component, and holds the file's factors."""
+    from peft.tuners.lora import LoraLayer
+
+    paths, preset = tiny_models(arch), get_preset(arch, "tiny")
+    components = [name for name, _, _ in preset.arch.text_encoders] + ["unet"]
+    pipe = _load_pipeline(paths["model"], arch)
+    sd = load_file(paths[role])
+    expected = dict.fromkeys(components, 0)
+    for key in sd:
+        if key.endswith((".lora_down.weight", ".lora_A.weight")):
+            expected[_component_of(key)] += 1
+
+    args, kwargs = _unet_inputs(pipe)
+    with torch.no_grad():
+        base = pipe.unet(*args, **kwargs).sample
+    _load_lora_checked(pipe, paths[role], "a")
+
+    for component in components:
         wrapped = {n: m for n, m in getattr(pipe, component).named_modules() if isinstance(m, LoraLayer) and "a" in m.lora_A}
         assert len(wrapped) == expected[component], component
         for name, module in wrapped.items():  # and each holds the file's factors, not a fresh init
@@ -196,19 +240,21 @@ def test_diffusers_wraps_every_module_of_the_file(tiny_model, role):
                 key = "lora_unet_" + name.replace(".", "_")
                 down, up = sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"]
             else:
-                key = STYLE_KEY_PREFIXES[component] + name
+                key = STYLE_KEY_PREFIXES[component] + name.removeprefix("text_model.")
                 down, up = sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"]
             np.testing.assert_array_equal(module.lora_A["a"].weight.detach().numpy(), down.astype(np.float32))
             np.testing.assert_array_equal(module.lora_B["a"].weight.detach().numpy(), up.astype(np.float32))
-    assert expected["unet"] > 0 and (expected["text_encoder"] > 0) == (role == "style_lora")
+    assert expected["unet"] > 0
+    for component in components[:-1]:  # the text encoders: the style LoRA's only
+        assert (expected[component] > 0) == (role == "style_lora"), component
 
     if role == "lcm_lora":  # alpha / rank reached peft
         scalings = {m.scaling["a"] for m in pipe.unet.modules() if isinstance(m, LoraLayer)}
-        assert scalings == {SD15_TINY.lcm_alpha / SD15_TINY.lcm_rank}
+        assert scalings == {preset.lcm_alpha / preset.lcm_rank}
 
     # the LoRA moves the UNet's output visibly, but does not swamp it
     with torch.no_grad():
-        adapted = pipe.unet(x, 500, ctx).sample
+        adapted = pipe.unet(*args, **kwargs).sample
     change = ((adapted - base).norm() / base.norm()).item()
     assert 1e-3 < change < 0.5, change
 
@@ -237,3 +283,181 @@ def test_full_size_is_sd15():
     assert round(lora_params / 1e6, 1) == 67.3
     assert len(target_modules(unet, STYLE_UNET_TARGETS)) == 16 * 2 * 4
     assert len(target_modules(text_encoder, STYLE_TEXT_TARGETS)) == 12 * 4
+
+
+# ------------------------------------------------------------------------------------------ SDXL, SSD-1B
+
+def test_cli_arch_choices_are_the_presets():
+    from lcmrt.cli import random_model
+
+    option = next(p for p in random_model.params if p.name == "arch")
+    assert list(option.type.choices) == list(dict.fromkeys(arch for arch, _ in PRESETS))
+    assert set(XL_ARCHS) < set(option.type.choices)
+
+
+@pytest.mark.parametrize("arch", XL_ARCHS)
+def test_tiny_xl_model_loads_as_sdxl_pipeline(tiny_models, arch):
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    paths = tiny_models(arch)
+    pipe = _load_pipeline(paths["model"], arch)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.config.force_zeros_for_empty_prompt is True
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+
+    unet, te, te2 = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert unet.sample_size == 16 and list(unet.block_out_channels) == [32, 64]
+    assert unet.addition_embed_type == "text_time" and unet.use_linear_projection
+    assert unet.cross_attention_dim == te.hidden_size + te2.hidden_size == 64
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + te2.projection_dim
+    assert (te.hidden_act, te2.hidden_act) == ("quick_gelu", "gelu")
+    assert pipe.vae.config.scaling_factor == 0.13025 and pipe.vae.config.force_upcast
+    assert pipe.vae_scale_factor == 8
+
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    sched = pipe.scheduler.config
+    assert (sched.beta_start, sched.beta_end, sched.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert (sched.num_train_timesteps, sched.steps_offset, sched.timestep_spacing) == (1000, 1, "leading")
+    assert (sched.prediction_type, sched.interpolation_type, sched.use_karras_sigmas) == ("epsilon", "linear", False)
+    assert LCMScheduler.from_config(sched).config.set_alpha_to_one is False  # as from SDXL's own file
+
+    for tok, config in ((pipe.tokenizer, te), (pipe.tokenizer_2, te2)):
+        assert config.vocab_size == len(tok) and config.max_position_embeddings == tok.model_max_length == 77
+        assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", XL_ARCHS)
+def test_tokenizer_2_pads_with_exclamation_mark(tiny_models, arch):
+    """SDXL's tokenizer_2 pads with "!" (id 0 in CLIP's vocabulary), its tokenizer with <|endoftext|>."""
+    model = tiny_models(arch)["model"]
+    pipe = _load_pipeline(model, arch)
+    tok, tok2 = pipe.tokenizer, pipe.tokenizer_2
+    assert json.loads((model / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+    assert tok2.pad_token == "!" and tok2.pad_token_id == tok2.get_vocab()["!"] == 0
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id
+    assert tok.get_vocab() == tok2.get_vocab()
+
+    ids = tok("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    ids2 = tok2("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    n = len(tok("a photo of a cat").input_ids)
+    assert ids[:n] == ids2[:n] and ids[n - 1] == tok.eos_token_id
+    assert ids[n:] == [tok.eos_token_id] * (77 - n) and ids2[n:] == [0] * (77 - n)
+
+
+@pytest.mark.parametrize("arch", XL_ARCHS)
+def test_tiny_xl_runs_one_lcm_step_with_both_loras(tiny_models, arch):
+    from diffusers import LCMScheduler
+    from peft.tuners.lora import LoraLayer
+
+    paths = tiny_models(arch)
+    pipe = _load_pipeline(paths["model"], arch)
+    _load_lora_checked(pipe, paths["lcm_lora"], "lcm")
+    _load_lora_checked(pipe, paths["style_lora"], "style")
+    for component in ("text_encoder", "text_encoder_2"):
+        assert any(isinstance(m, LoraLayer) and "style" in m.lora_A for m in getattr(pipe, component).modules())
+    pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.8])
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0, height=128, width=128,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 128, 128, 3)
+    assert np.isfinite(image).all() and image.std() > 0.01
+
+
+@pytest.mark.parametrize("arch", XL_ARCHS)
+def test_xl_same_seed_same_bytes(tiny_models, tmp_path, arch):
+    from click.testing import CliRunner
+
+    from lcmrt.cli import cli
+
+    first = _files(tiny_models(arch)["model"].parent)
+    result = CliRunner().invoke(cli, ["random-model", str(tmp_path / "again"), "--arch", arch, "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    second = _files(tmp_path / "again")
+    assert sorted(first) == sorted(second)
+    assert len(first) == 16  # sd15's 12, and two files in each of text_encoder_2/ and tokenizer_2/
+    for name in first:
+        assert first[name] == second[name], name
+
+    other = write_random_model(tmp_path / "seed1", arch=arch, size="tiny", seed=1)
+    for file in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        a, b = load_file(tmp_path / "again" / "model" / file), load_file(other["model"] / file)
+        weights = [k for k in a if a[k].size > 1 and a[k].std() > 0]
+        assert weights and all(not np.array_equal(a[k], b[k]) for k in weights), file
+
+
+def test_lcm_lora_xl_is_kohya_with_sdxl_metadata(tiny_models):
+    for arch in XL_ARCHS:
+        sd = load_file(tiny_models(arch)["lcm_lora"])
+        assert all(k.startswith("lora_unet_") for k in sd) and all(v.dtype == np.float16 for v in sd.values())
+        assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in sd
+        with safe_open(tiny_models(arch)["lcm_lora"], "np") as f:
+            assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    style = load_file(tiny_models("sdxl")["style_lora"])
+    # transformers 4 names for both text encoders, as SDXL style LoRAs in the field have them
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_B.weight" in style
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in style
+
+
+def _transformer_depths(unet):
+    """Transformer blocks per attention: down blocks, mid block, up blocks."""
+    def depths(block):
+        return [len(a.transformer_blocks) for a in getattr(block, "attentions", None) or []]
+    return [depths(b) for b in unet.down_blocks], depths(unet.mid_block), [depths(b) for b in unet.up_blocks]
+
+
+def test_tiny_ssd1b_is_a_distilled_tiny_sdxl(tiny_models):
+    """SSD-1B's UNet is SDXL's with transformer blocks and the mid block's attention removed; the rest, the
+    conditioning included, is the same."""
+    from diffusers import UNet2DConditionModel
+
+    sdxl, ssd1b = (UNet2DConditionModel.from_pretrained(tiny_models(arch)["model"] / "unet") for arch in XL_ARCHS)
+    assert _transformer_depths(sdxl) == ([[], [2, 2]], [2], [[2, 2, 2], []])
+    assert _transformer_depths(ssd1b) == ([[], [1, 1]], [], [[1, 1, 2], []])
+    assert (type(sdxl.mid_block).__name__, type(ssd1b.mid_block).__name__) == (
+        "UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+    a, b = sdxl.state_dict(), ssd1b.state_dict()
+    assert set(b) < set(a)  # every SSD-1B weight has an SDXL namesake ...
+    assert all(a[k].shape == b[k].shape for k in b)  # ... of its shape
+    for name in ("conv_in.weight", "add_embedding.linear_1.weight",
+                 "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"):
+        assert name in b
+    for arch in XL_ARCHS:  # and the LCM-LoRA follows: one LoRA per target module of its own UNet
+        sd = load_file(tiny_models(arch)["lcm_lora"])
+        unet = sdxl if arch == "sdxl" else ssd1b
+        assert len(sd) == 3 * len(target_modules(unet, LCM_LORA_TARGETS))
+    assert len(target_modules(ssd1b, LCM_LORA_TARGETS)) < len(target_modules(sdxl, LCM_LORA_TARGETS))
+
+
+@pytest.mark.parametrize("arch, unet_params, lcm_modules, lcm_params", [
+    ("sdxl", 2_567_463_684, 788, 196.8),  # lcm-lora-sdxl: 394 MB in fp16
+    ("ssd1b", 1_331_334_404, 423, 104.9),
+])
+def test_full_size_is_sdxl_or_ssd1b(arch, unet_params, lcm_modules, lcm_params):
+    """The full presets, counted on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    preset = get_preset(arch, "full")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**preset.unet)
+        vae = AutoencoderKL(**preset.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_2))
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    assert count(unet) == unet_params
+    assert count(vae) == 83_653_863 and preset.vae["scaling_factor"] == 0.13025
+    assert count(text_encoder) == 123_060_480  # CLIP ViT-L/14
+    assert count(text_encoder_2) == 694_659_840  # OpenCLIP ViT-bigG/14 with its projection
+    assert unet.config.cross_attention_dim == 768 + 1280
+    assert unet.config.projection_class_embeddings_input_dim == 6 * 256 + 1280
+    lcm = target_modules(unet, LCM_LORA_TARGETS)
+    assert len(lcm) == lcm_modules
+    rank = preset.lcm_rank
+    assert rank == 64 and preset.lcm_alpha != rank
+    assert round(sum(rank * (m.weight[0].numel() + m.weight.shape[0]) for _, m in lcm) / 1e6, 1) == lcm_params
+    assert len(target_modules(text_encoder_2, STYLE_TEXT_TARGETS)) == 32 * 4

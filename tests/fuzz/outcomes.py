@@ -63,7 +63,8 @@ def cli_outcome(result) -> tuple[str, BaseException | None]:
     if isinstance(error, SystemExit):
         cause = error.__context__  # the CLI exits from inside its `except LcmrtError`; click from its UsageError
         if isinstance(cause, LcmrtError):
-            if result.exit_code != 2 or not result.stderr.startswith("error: "):
+            # a line "error: ..." (a build's progress lines may come before it)
+            if result.exit_code != 2 or "\nerror: " not in "\n" + result.stderr:
                 return f"{error_name(cause)} printed wrongly (exit {result.exit_code})", cause
             return error_name(cause), cause
         if result.exit_code == 2:

@@ -182,7 +182,7 @@ def test_only_the_weights_that_change_are_refit(two_adapter_folder, monkeypatch)
 
 def test_a_failure_mid_swap_keeps_the_old_set(pipe2, monkeypatch):
     before, before_latents = _images(pipe2)
-    embeds = pipe2.encode_prompt(PROMPT).copy()
+    embeds = pipe2.encode_prompt(PROMPT)["encoder_hidden_states"].copy()
     adapters = pipe2.adapters
     calls = _spy_refits(pipe2, monkeypatch)
 
@@ -198,7 +198,7 @@ def test_a_failure_mid_swap_keeps_the_old_set(pipe2, monkeypatch):
     assert calls[0][1] == calls[2][1]
     assert pipe2.adapters == adapters
     pipe2._prompt_cache.clear()  # recompute the embeddings with the restored text encoder
-    assert np.array_equal(pipe2.encode_prompt(PROMPT), embeds)
+    assert np.array_equal(pipe2.encode_prompt(PROMPT)["encoder_hidden_states"], embeds)
     after, after_latents = _images(pipe2)
     assert np.array_equal(after, before) and np.array_equal(after_latents, before_latents)
 

@@ -21,7 +21,7 @@ from lcmrt.pipeline import MAX_STEPS, PROMPT_CACHE_SIZE
 
 
 from tiny_engines import (CROSS_GRAPH_ATOL, STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine,  # noqa: E402
-                          diffusers_image)
+                          diff_to_diffusers)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -66,12 +66,7 @@ def _draws(seed, steps, num_images=1):
 @pytest.mark.parametrize("guidance, negative_prompt", [(1.0, None), (1.5, NEGATIVE)])
 def test_image_matches_diffusers(pipe, reference, monkeypatch, steps, guidance, negative_prompt):
     latents, step_noise = _draws(steps, steps)
-    expected = diffusers_image(reference, monkeypatch, PROMPT, latents, step_noise, steps, guidance, negative_prompt)
-    image = pipe(PROMPT, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                 latents=latents, step_noise=step_noise, output="np")
-    assert image.shape == expected.shape == (1, TINY_HEIGHT, TINY_WIDTH, 3)
-    assert image.dtype == np.float32
-    diff = float(np.abs(image - expected).max())
+    diff = diff_to_diffusers(pipe, reference, monkeypatch, PROMPT, latents, step_noise, steps, guidance, negative_prompt)
     print(f"steps={steps} guidance={guidance}: max abs diff vs diffusers {diff:.2e}")
     assert diff <= MAX_ABS_DIFF
 

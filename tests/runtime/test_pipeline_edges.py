@@ -215,7 +215,7 @@ def test_nan_from_an_fp16_unet_names_the_fp32_fix(tiny_engine, monkeypatch):
 def test_nan_from_a_device_loop_is_an_error(tiny_engine, monkeypatch):
     """Backends that run the loop on the device (TensorRT's CUDA graph) return only the final latents."""
     pipe = Pipeline.load(tiny_engine)
-    loop = lambda sampler, x, noise, embeds, guidance, timings: np.full_like(x, np.nan)  # noqa: E731
+    loop = lambda sampler, x, noise, conditioning, guidance, timings: np.full_like(x, np.nan)  # noqa: E731
     monkeypatch.setattr(pipe.sessions["unet"], "denoise_loop", lambda batch: loop)
     with pytest.raises(GenerationError, match=r"The UNet \(fp32\) returned NaN/inf in its denoising loop"):
         pipe(PROMPT, num_inference_steps=3, seed=0)
@@ -235,7 +235,7 @@ def test_nan_from_the_text_encoder_is_an_error_and_not_cached(tiny_engine, monke
     with pytest.raises(GenerationError, match=r"The text encoder \(fp32\) returned NaN/inf"):
         pipe(PROMPT, num_inference_steps=1, seed=0)
     monkeypatch.undo()
-    assert np.isfinite(pipe.encode_prompt(PROMPT)).all()
+    assert np.isfinite(pipe.encode_prompt(PROMPT)["encoder_hidden_states"]).all()
 
 
 def test_to_pil_refuses_nan():

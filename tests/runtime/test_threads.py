@@ -175,11 +175,11 @@ def test_prompt_cache_after_a_swap_racing_with_encode(pipe, monkeypatch):
     text_encoder = pipe.sessions["text_encoder"]
     run = _pause_in(text_encoder, monkeypatch, encoder, 1, pause, after=True)
     encoder.start(), swapper.start()
-    before = encoder.result()
+    before = encoder.result()["encoder_hidden_states"]
     swapper.result()
     fresh = run({"input_ids": pipe.tokenizer(PROMPT)})["last_hidden_state"]  # the new set, no cache
     assert not np.array_equal(before, fresh)  # the style adapter changes the text encoder
-    np.testing.assert_array_equal(pipe.encode_prompt(PROMPT), fresh)
+    np.testing.assert_array_equal(pipe.encode_prompt(PROMPT)["encoder_hidden_states"], fresh)
 
 
 def test_encode_prompt_racing_with_set_adapters(pipe):
@@ -217,7 +217,7 @@ def test_encode_prompt_racing_with_set_adapters(pipe):
     assert sum(encodes) >= SWAPS  # the encoders ran between the swaps
     run = pipe.sessions["text_encoder"].run
     for p in prompts:
-        np.testing.assert_array_equal(pipe.encode_prompt(p), run({"input_ids": pipe.tokenizer(p)})["last_hidden_state"])
+        np.testing.assert_array_equal(pipe.encode_prompt(p)["encoder_hidden_states"], run({"input_ids": pipe.tokenizer(p)})["last_hidden_state"])
 
 
 def test_generations_run_concurrently_with_per_thread_results(tiny_engine, monkeypatch):
