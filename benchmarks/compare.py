@@ -387,6 +387,9 @@ def main(argv=None):
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if args.no_optimum and "optimum" in args.contenders:
         args.contenders.remove("optimum")
+    optimum_sd15_only = args.arch != "sd15" and "optimum" in args.contenders
+    if optimum_sd15_only:  # the harness drives Optimum's ORTStableDiffusionPipeline only
+        args.contenders.remove("optimum")
     args.workdir = args.workdir or Path("results") / args.size
     args.out = args.out or args.workdir / "bench"
 
@@ -394,6 +397,8 @@ def main(argv=None):
     cases, notes = make_cases(args, paths)
     if args.no_optimum:
         notes.append("Optimum left out (--no-optimum)")
+    if optimum_sd15_only:
+        notes.append(f"Optimum left out: this harness runs its SD1.5 pipeline only, and the model is {args.arch}")
     notes.append("cold start = imports + load + first image, in a fresh process (every contender loads weights "
                  "with the LCM-LoRA already fused); "
                  "the OS page cache holds the model files after the first round")

@@ -62,12 +62,12 @@ def save_fused_diffusers(model: Path, lcm_lora: Path, out: Path) -> None:
     """The model with the LCM-LoRA fused (the same fuse as `lcmrt build`), saved as a diffusers folder whose
     text encoder older transformers versions read correctly."""
     import torch
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
+    from lcmrt.export.loading import load_model
     from lcmrt.export.lora import LoraSpec, fuse_loras
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32, safety_checker=None)
+    pipe = load_model(str(model)).pipe  # StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL families
     fuse_loras(pipe, [LoraSpec(lcm_lora, weight=1.0, name="lcm", role="lcm")])
     tmp = out.with_name(f".{out.name}.partial")
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -100,8 +100,9 @@ def run_lcmrt(cfg: dict) -> dict:
 
 
 def _hook_torch_pipeline(pipe, timer: _StageTimer) -> None:
-    pipe.text_encoder.register_forward_pre_hook(timer.text_start)
-    pipe.text_encoder.register_forward_hook(timer.text_end)
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    encoders[0].register_forward_pre_hook(timer.text_start)  # SDXL runs both, one after the other
+    encoders[-1].register_forward_hook(timer.text_end)
     pipe.unet.register_forward_pre_hook(timer.unet_start)
     pipe.unet.register_forward_hook(timer.unet_end)
     pipe.vae.decode = timer.wrap(pipe.vae.decode, "vae")
@@ -111,13 +112,16 @@ def run_diffusers(cfg: dict) -> dict:
     """The model with the LCM-LoRA already fused, saved by `prepare.py` with lcmrt's own verified fuse: the
     same weights as lcmrt's engine folder, loaded the way a diffusers user loads a merged model."""
     import torch
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, LCMScheduler
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
     import_s = time.perf_counter() - T_START
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(cfg["model"], dtype=torch.float32, safety_checker=None)
+    # the folder's own pipeline class: StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL and SSD-1B
+    sd15 = json.loads((Path(cfg["model"]) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    pipe = DiffusionPipeline.from_pretrained(cfg["model"], dtype=torch.float32,
+                                             **({"safety_checker": None} if sd15 else {}))
     pipe.set_progress_bar_config(disable=True)
     if cfg["scheduler"] == "lcm":
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
