@@ -61,7 +61,6 @@ def engine_folder_ok(folder: Path, height: int, width: int, batch: int, guidance
 def save_fused_diffusers(model: Path, lcm_lora: Path, out: Path) -> None:
     """The model with the LCM-LoRA fused (the same fuse as `lcmrt build`), saved as a diffusers folder whose
     text encoder older transformers versions read correctly."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from lcmrt.export.loading import load_model
