@@ -102,6 +102,7 @@ class Pipeline:
         self._prompt_cache: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._text_encoder_set = _set_key(active)  # the set in effect when the text encoders' weights last changed
+        self._zeros_for_empty_negative = manifest.force_zeros_for_empty_prompt
         unet_inputs = {t.name: t for t in manifest.component("unet").inputs}
         self._guidance_dim = unet_inputs[TIMESTEP_COND].shape[-1] if TIMESTEP_COND in unet_inputs else None
         if self._guidance_dim is not None and not (isinstance(self._guidance_dim, int) and 2 <= self._guidance_dim <= 4096):
@@ -332,7 +333,7 @@ class Pipeline:
             cond[TIME_IDS] = time_ids
         if not guided:
             return {k: np.repeat(v, n, axis=0) for k, v in cond.items()}
-        if negative_prompt is None and self.manifest.force_zeros_for_empty_prompt:
+        if negative_prompt is None and self._zeros_for_empty_negative:
             # SDXL's rule (diffusers: force_zeros_for_empty_prompt): no negative prompt -> zero embeddings
             uncond = {k: np.zeros_like(v) for k, v in cond.items() if k != TIME_IDS}
         else:
