@@ -56,6 +56,15 @@ def _interrupt_at(monkeypatch, k: int) -> list:
     return calls
 
 
+def _appeared(folder, name: str) -> bool:
+    """A file whose name holds `name` is somewhere in the folder (the command may remove its scratch folder
+    while we list it: then not yet)."""
+    try:
+        return any(name in p.name for p in folder.rglob("*"))
+    except FileNotFoundError:
+        return False
+
+
 def _no_leftovers(folder):
     manifest = read_manifest(folder)
     names = set(_listing(folder))
@@ -108,7 +117,7 @@ def test_adapter_add_killed_by_sigint_leaves_the_old_or_the_new_folder(tiny_refi
         command[5] = str(folder)
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while not any("s2" in p.name for p in folder.rglob("*")) and process.poll() is None:
+        while not _appeared(folder, "s2") and process.poll() is None:
             assert time.monotonic() < deadline, "the pack never appeared"
             time.sleep(0.01)
         time.sleep(delay)
