@@ -149,6 +149,19 @@ def test_failed_refit_keeps_previous_weights(gpu_standin_modules, trt_refit_fold
         unet.refit({name: np.zeros(3, np.float32)})
 
 
+def test_refit_whose_restore_fails_too_says_so(gpu_standin_modules, trt_refit_folder, monkeypatch, caplog):
+    """Both the refit and putting the previous weights back fail: the error is raised and the failed restore
+    is logged (the session's weights are then unknown)."""
+    from lcmrt.backends.tensorrt import TensorRTBackend
+
+    unet = TensorRTBackend().load(trt_refit_folder, load_manifest(trt_refit_folder), "unet")
+    name = sorted(unet.engine.header["refittable"])[0]
+    monkeypatch.setattr(gpu_standin_modules.trt.Refitter, "refit_cuda_engine", lambda self: False)
+    with pytest.raises(BackendError, match="failed to refit"):
+        unet.refit({name: load_file(trt_refit_folder / unet.entry.refit_base)[name] * 3})
+    assert "restoring the previous unet weights after a failed refit also failed" in caplog.text
+
+
 def test_capture_failure_falls_back_to_eager(gpu_standin_modules, trt_engine_folder, monkeypatch):
     cupy = gpu_standin_modules.cupy
 
