@@ -36,7 +36,7 @@ def compare_engines(folder: Path, atol: float, rtol: float) -> list[dict]:
         if not any(e.component == component for e in manifest.engines):
             continue
         engine = select_engine(folder, manifest, component, key)
-        feeds = example_inputs(entry, vocab_size=_vocab_size(folder, manifest))
+        feeds = example_inputs(manifest, component, vocab_size=_vocab_size(folder, manifest))
         runners = [TrtRunner(EngineFromBytes((folder / engine.file).read_bytes()), name="tensorrt"),
                    OnnxrtRunner(SessionFromOnnx(str(folder / entry.file)), name="onnxruntime-cpu")]
         results = Comparator.run(runners, data_loader=[feeds])

@@ -28,8 +28,9 @@ import numpy as np
 
 from ..errors import ExportError
 from ..folder_update import commit, fresh_graph_name
-from ..manifest import FP16, FP16_SUFFIX, Component, Manifest, file_sha256, read_manifest
+from ..manifest import FP16, FP16_SUFFIX, Manifest, file_sha256, read_manifest
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
+from .graphs import example_inputs as graph_inputs
 
 # Ops whose statistics or accumulators need fp32 (see the module docstring).
 FP32_OPS = frozenset({"InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
@@ -237,23 +238,13 @@ def convert_component(folder: str | Path, manifest: Manifest | dict, component: 
     }
 
 
-def example_inputs(component: Component, seed: int = FIDELITY_SEED, vocab_size: int = 49408) -> dict[str, np.ndarray]:
-    """Seeded inputs for a component (largest value of each varying dimension)."""
-    rng = np.random.default_rng(seed)
-    largest = {d: max(v) for d, v in component.dim_values.items()}
-    arrays = {}
-    for spec in component.inputs:
-        name, dtype = spec.name, np.dtype(spec.dtype)
-        shape = tuple(largest.get(d, d) if isinstance(d, str) else d for d in spec.shape)
-        if dtype.kind in "iu":
-            arrays[name] = rng.integers(0, vocab_size, size=shape).astype(dtype)
-        elif name == "timestep":
-            arrays[name] = rng.uniform(0, 999, size=shape).round().astype(dtype)
-        elif name == "image":
-            arrays[name] = rng.uniform(-1, 1, size=shape).astype(dtype)
-        else:
-            arrays[name] = rng.standard_normal(shape).astype(dtype)
-    return arrays
+def example_inputs(manifest: Manifest | dict, component: str, seed: int = FIDELITY_SEED, vocab_size: int = 49408,
+                   size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs for a component's graphs at one of the folder's sizes (default: the first), with a varying
+    batch at its largest."""
+    manifest = Manifest.of(manifest)
+    inputs = [(t.name, t.shape, t.dtype) for t in manifest.component(component).inputs]
+    return graph_inputs(inputs, manifest.dims(component, size), seed, vocab_size)
 
 
 def island_inputs(fp16_model) -> list[str]:
@@ -335,7 +326,7 @@ def convert_folder(folder: str | Path, components: tuple[str, ...] | None = None
             raise ExportError(f"{folder} has no {component!r} component to convert to fp16 "
                               f"(it has {', '.join(graphs)}).")
         entry = convert_component(folder, manifest, component)
-        feeds = example_inputs(graphs[component], seed, vocab)
+        feeds = example_inputs(manifest, component, seed, vocab)
         fidelity = measure_fidelity(folder / graphs[component].file, folder / entry["file"],
                                     feeds, _IMAGE_OUTPUTS.get(component, ()))
         fidelity["seed"] = seed

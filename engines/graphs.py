@@ -11,10 +11,23 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 PSNR_PEAK = 1.0  # images compared in [0, 1], as the pipeline outputs them
 
 
-def save_graph(model, folder: Path, graph_name: str) -> list[str]:
-    """Write `graph_name` (plus `graph_name.data` when its weights pass 2 GB); return the file names."""
-    import onnx
+DATA_ALIGNMENT = 4096  # external tensors start on a page, so readers may memory-map them
+_COPY_CHUNK = 64 << 20
 
+
+def save_graph(model, folder: Path, graph_name: str, data_dir: Path | None = None) -> list[str]:
+    """Write `graph_name` (plus `graph_name.data` when its weights pass 2 GB); return the file names.
+
+    A `model` loaded without its external data (from `data_dir`, where an exporter scattered it over many
+    files) has that data streamed into the one data file, so no copy of the weights is ever in memory."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    if data_dir is not None and any(uses_external_data(t) for t in model.graph.initializer):
+        data_name = f"{graph_name}.data"
+        gather_external_data(model, Path(data_dir), folder / data_name, data_name)
+        onnx.save_model(model, str(folder / graph_name))
+        return [graph_name, data_name]
     weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data_name = f"{graph_name}.data"
@@ -23,6 +36,61 @@ def save_graph(model, folder: Path, graph_name: str) -> list[str]:
         return [graph_name, data_name]
     onnx.save_model(model, str(folder / graph_name))
     return [graph_name]
+
+
+def gather_external_data(model, data_dir: Path, out: Path, location: str) -> None:
+    """Copy every external tensor of `model` (stored under `data_dir`) into the file `out`, each at an offset
+    aligned to DATA_ALIGNMENT, and point the model's entries at it as `location`. Streams file to file."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    with open(out, "wb") as dst:
+        for tensor in model.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            source = (data_dir / info.location).resolve()
+            if data_dir.resolve() not in source.parents:
+                raise ValueError(f"external data {info.location!r} of {tensor.name} is outside {data_dir}")
+            dst.write(b"\0" * (-dst.tell() % DATA_ALIGNMENT))
+            offset = dst.tell()
+            with open(source, "rb") as src:
+                src.seek(info.offset or 0)
+                left = info.length  # None: the rest of the file
+                while left is None or left > 0:
+                    chunk = src.read(_COPY_CHUNK if left is None else min(_COPY_CHUNK, left))
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+                    left = None if left is None else left - len(chunk)
+            if left:
+                raise ValueError(f"external data of {tensor.name} in {info.location} is {left} bytes short")
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", offset), ("length", dst.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(value))
+
+
+def example_inputs(inputs, dims: dict[str, int], seed: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for a graph, each in the range the pipeline feeds it: `inputs` are (name, shape, dtype)
+    triples whose named dimensions take their values from `dims`."""
+    from ..families import TIME_IDS
+    from ..guidance import TIMESTEP_COND
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape, dtype in inputs:
+        shape, dtype = tuple(dims[d] if isinstance(d, str) else d for d in shape), np.dtype(dtype)
+        if dtype.kind in "iu":  # token ids
+            value = rng.integers(0, vocab_size, size=shape)
+        elif name == "timestep":
+            value = rng.integers(0, 1000, size=shape)
+        elif name == TIME_IDS:  # sizes and crop offsets in pixels
+            value = rng.integers(0, 1024, size=shape)
+        elif name in ("image", TIMESTEP_COND):  # pixels in [-1, 1]; sines and cosines
+            value = rng.uniform(-1, 1, size=shape)
+        else:
+            value = rng.standard_normal(shape)
+        arrays[name] = value.astype(dtype)
+    return arrays
 
 
 def psnr(reference: np.ndarray, test: np.ndarray, peak: float = PSNR_PEAK) -> float:

@@ -115,7 +115,7 @@ def int8_fidelity(folder: Path, manifest: Manifest | dict, component: str, varia
     the error depends on the instruction set, see INT8_REDUCE_RANGE)."""
     fp32 = Manifest.of(manifest).component(component)
     fidelity = compare_graphs(folder / fp32.file, folder / variant["file"],
-                              example_inputs(fp32, seed, _vocab_size(folder, manifest)),
+                              example_inputs(manifest, component, seed, _vocab_size(folder, manifest)),
                               _IMAGE_OUTPUTS.get(component, ()))
     return {**fidelity, "seed": seed, "measured_on": cpu_graph_key()}
 

@@ -1,4 +1,4 @@
-"""TensorRT engine builder: one static-shape engine per component, FP16, refittable where adapters need it.
+"""TensorRT engine builder: one engine per component, FP16, refittable where adapters need it.
 
 The chain for each component: ONNX graph (fp16 from `lcmrt.engines.fp16`, or fp32) -> parse -> mark the
 refit map's weights refittable -> build with a persistent timing cache and a capped workspace ->
@@ -16,6 +16,10 @@ imports it lazily. Facts it relies on (TensorRT 10.x/11.x Python API):
   with REFIT. Before 10.2 only REFIT (the whole engine) exists.
 - The ONNX parser names weights after their initializers; `parse_from_file` resolves external data next to
   the graph file.
+- A graph with varying dimensions needs optimization profiles (`add_optimization_profile`): a folder of
+  several sizes gets one per size, each fixing the size (and ranging over the UNet batches of a cfg folder),
+  all in one engine with one set of weights, so a refit updates every size at once. The runtime picks a
+  profile per run (`set_optimization_profile_async`).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from ..backends.engine_keys import (EngineKey, engine_entry, rebuild_command, re
                                     source_graph)
 from ..errors import BackendError, EngineFolderError, InputError
 from ..folder_update import commit
-from ..manifest import FP16, FP32, Component, Manifest, file_sha256, read_manifest
+from ..manifest import FP16, FP32, Manifest, file_sha256, read_manifest, size_dims
 
 MIN_TRT = (10, 0)  # execute_async_v3 / named tensors / build_serialized_network only (GPU-NOTES.md, section 0)
 REFIT_INDIVIDUAL_SINCE = (10, 2)
@@ -157,10 +161,11 @@ def _import_trt():
 
 def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, options: BuildOptions,
                  refit_names: list[str] = (), workspace: int = DEFAULT_WORKSPACE,
-                 optimization_level: int | None = None, dim_ranges: dict[str, tuple] | None = None,
+                 optimization_level: int | None = None, profiles: list[dict[str, tuple]] = (),
                  verbose: bool = False) -> BuildReport:
-    """Build one engine from `onnx_path` into `plan_path` (written atomically). `dim_ranges`: input name ->
-    (min, opt, max) shapes for inputs with a varying dimension (the UNet batch of a cfg folder)."""
+    """Build one engine from `onnx_path` into `plan_path` (written atomically). `profiles`: one optimization
+    profile per size of the folder, each {input name: (min, opt, max) shapes} for the inputs with a varying
+    dimension (the size, the UNet batch of a cfg folder); none for a static graph."""
     trt = _import_trt()
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -186,9 +191,9 @@ def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, options: 
         config.builder_optimization_level = int(optimization_level)
     for flag in options.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if dim_ranges:
+    for shapes in profiles:
         profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in dim_ranges.items():
+        for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -268,13 +273,13 @@ def build_engines(folder: str | Path, components: tuple[str, ...] | None = None,
         targets = refit_targets(manifest, component)
         options = build_options(trt_version, graph_precision, refittable=bool(targets),
                                 fp16_flag=fp16_flag_for_fp32_graphs)
-        ranges = _dim_ranges(graphs[component])
+        profiles = optimization_profiles(manifest, component)
         plan_path = folder / key.plan_path(component)
         log(f"building {component} from {graph_file} ({options.precision}, flags: "
             f"{', '.join(options.builder_flags) or 'none'})")
         report = build_engine(folder / graph_file, plan_path, timing_cache, options, targets, workspace,
-                              optimization_level, ranges)
-        extra = {"build": {"seconds": round(report.seconds, 1), "workspace_bytes": workspace,
+                              optimization_level, profiles)
+        extra = {"sizes": [list(size) for size in manifest.shapes.sizes], "build": {"seconds": round(report.seconds, 1), "workspace_bytes": workspace,
                            "flags": list(options.builder_flags), "strongly_typed": options.strongly_typed_flag
                            or parse_trt_version(trt_version)[:2] >= STRONG_TYPING_ALWAYS_SINCE,
                            "notes": report.notes}}
@@ -295,19 +300,28 @@ def build_engines(folder: str | Path, components: tuple[str, ...] | None = None,
     return entries
 
 
-def _dim_ranges(component: Component) -> dict[str, tuple] | None:
-    """Optimization-profile shapes for inputs with a named dimension: min, opt = max, max of its values."""
-    values = component.dim_values
+def optimization_profiles(manifest: Manifest, component: str) -> list[dict[str, tuple]]:
+    """One optimization profile per size of the folder for a graph with varying dimensions ([] for a static
+    one): each input with a named dimension at that size, its batch from the smallest to the largest (opt =
+    max, the batch a cfg folder runs)."""
+    values = manifest.component(component).dim_values
     if not values:
-        return None
-    ranges = {}
-    for spec in component.inputs:
-        if any(isinstance(d, str) for d in spec.shape):
-            lo = tuple(min(values[d]) if isinstance(d, str) else d for d in spec.shape)
-            hi = tuple(max(values[d]) if isinstance(d, str) else d for d in spec.shape)
-            ranges[spec.name] = (lo, hi, hi)
-    return ranges
+        return []
+    profiles = []
+    for size in manifest.shapes.sizes:
+        at = manifest.dims(component, size)  # the size's dimensions, batches at their largest
+        profile = {}
+        for spec in manifest.component(component).inputs:
+            if any(isinstance(d, str) for d in spec.shape):
+                hi = tuple(at[d] if isinstance(d, str) else d for d in spec.shape)
+                lo = tuple(min(values[d]) if d in values and d not in size_dims(*size) else n
+                           for d, n in zip(spec.shape, hi))
+                profile[spec.name] = (lo, hi, hi)
+        if profile not in profiles:
+            profiles.append(profile)
+    return profiles
 
 
 __all__ = ["BuildOptions", "BuildReport", "build_engine", "build_engines", "build_options", "check_refit_targets",
+           "optimization_profiles",
            "parse_size", "parse_trt_version", "rebuild_command", "refit_targets", "save_refit_base"]

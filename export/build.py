@@ -16,7 +16,7 @@ from .. import __version__
 from ..engines.build import EngineRequest, add_engines, check_engine_request
 from ..errors import InputError
 from ..families import get_family, tokenizer_key
-from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
+from ..manifest import FORMAT_VERSION, LATENT_SCALE, MANIFEST_NAME, MAX_SIZES, SHAPE_LIMITS, write_manifest
 from ..progress import Stages
 
 GUIDANCE_MODES = ("none", "cfg")
@@ -31,6 +31,7 @@ class BuildRequest:
     loras: list = field(default_factory=list)  # style LoraSpecs
     height: int = 512
     width: int = 512
+    sizes: list = field(default_factory=list)  # [(height, width), ...]: several sizes, the first the default
     batch: int = 1
     guidance_mode: str = "none"
     config: str | None = None
@@ -44,6 +45,8 @@ class BuildRequest:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.sizes = [tuple(size) for size in self.sizes] or [(self.height, self.width)]
+        self.height, self.width = self.sizes[0]
 
     @property
     def keeps_refit_map(self) -> bool:
@@ -75,10 +78,15 @@ def check_lcm(req: BuildRequest, unet_config) -> None:
 
 def check_request(req: BuildRequest) -> None:
     """Cheap checks before any model is loaded."""
-    for name, value in (("--height", req.height), ("--width", req.width)):
-        if value <= 0 or value % 8:
-            raise InputError(f"{name} {value} is not a positive multiple of 8 (the VAE downscales by 8); "
-                             f"try {max(8, round(value / 8) * 8)}.")
+    for height, width in req.sizes:
+        for name, value, top in (("height", height, SHAPE_LIMITS["height"]), ("width", width, SHAPE_LIMITS["width"])):
+            if not 0 < value <= top or value % LATENT_SCALE:
+                raise InputError(f"The {name} {value} of the size {width}x{height} is not a multiple of {LATENT_SCALE} "
+                                 f"in {LATENT_SCALE}..{top} (the VAE downscales by {LATENT_SCALE}); try "
+                                 f"{min(top, max(LATENT_SCALE, round(value / LATENT_SCALE) * LATENT_SCALE))}.")
+    if len(set(req.sizes)) != len(req.sizes) or len(req.sizes) > MAX_SIZES:
+        raise InputError(f"--size lists {', '.join(f'{w}x{h}' for h, w in req.sizes)}: give 1 to {MAX_SIZES} "
+                         "different sizes.")
     if req.batch < 1:
         raise InputError(f"--batch {req.batch} must be at least 1.")
     if req.guidance_mode not in GUIDANCE_MODES:
@@ -190,7 +198,7 @@ def library_output_silenced():
 def build_shapes(family, req: BuildRequest) -> dict:
     unet_batches = [req.batch] if req.guidance_mode == "none" else [req.batch, 2 * req.batch]
     return {
-        "batch": req.batch, "height": req.height, "width": req.width,
+        "batch": req.batch, "height": req.height, "width": req.width, "sizes": [list(size) for size in req.sizes],
         "latent_channels": family.latent_channels,
         "latent_height": req.height // family.vae_scale_factor,
         "latent_width": req.width // family.vae_scale_factor,
@@ -235,6 +243,17 @@ def load_tiny_vae(path: Path, family, allow_pickle: bool = False):
 
 
 def _build(req: BuildRequest, stages: Stages, log) -> dict:
+    import gc
+
+    with atomic_folder(req.out, req.overwrite) as tmp:
+        _export_folder(req, tmp, stages)
+        gc.collect()  # the torch model is gone: engine builds and graph optimizations get its memory
+        # inside the hidden folder too: a failed fp16, int8 or TensorRT step leaves no folder behind
+        return add_engines(tmp, req.engines, stages, log)
+
+
+def _export_folder(req: BuildRequest, tmp: Path, stages: Stages) -> None:
+    """Load the model, fuse, export and validate every graph into `tmp`, and write the manifest."""
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
@@ -260,52 +279,48 @@ def _build(req: BuildRequest, stages: Stages, log) -> dict:
         with stages.stage("load VAE decoder"):
             tiny_vae = load_tiny_vae(Path(req.vae_decoder), family, req.allow_pickle)
 
-    with atomic_folder(req.out, req.overwrite) as tmp:
-        if req.keeps_refit_map:
-            with stages.stage("pack adapters"):
-                adapters += [pack_adapter(pipe, spec, tmp, family, req.allow_pickle)
-                             for spec in loras if req.is_refittable(spec)]
-        components = {}
-        vocab_size = min(getattr(pipe, name).config.vocab_size for name in family.text_encoders)
-        for spec in component_exports(pipe, shapes, family, vae_decoder=tiny_vae):
-            with stages.stage(f"export {spec.name}"):
-                components[spec.name] = export_component(spec, tmp, vocab_size=vocab_size)
-        components["vae_decoder"]["source"] = (
-            type(pipe.vae).__name__ if tiny_vae is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
-        refit_map = {}
-        if req.keeps_refit_map:
-            with stages.stage("refit map"):
-                required = {m for a in adapters if not a["fused"] for m in a["targets"]}
-                refittable = refittable_components(pipe)
-                refit_map = build_refit_map(pipe, {c: tmp / components[c]["file"] for c in refittable}, required)
-                for c in refittable:  # the graphs were rewritten with external weights
-                    components[c]["sha256"] = graph_hashes(tmp, components[c]["file"])
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "family": family.name,
-            "source": loaded.source,
-            "shapes": shapes,
-            "guidance_mode": req.guidance_mode,
-            "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
-            **{tokenizer_key(name): copy_tokenizer(getattr(pipe, tokenizer_key(name)), tmp, tokenizer_key(name))
-               for name in family.text_encoders},
-            **({"conditioning": {"force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}}
-               if family.time_ids else {}),
-            "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor),
-                    "force_upcast": bool(pipe.vae.config.get("force_upcast", False))},
-            "components": components,
-            "adapters": adapters,
-            "refittable": req.keeps_refit_map,
-            "refit_map": refit_map,
-            "model_configs": model_configs(pipe) if req.keeps_refit_map else None,
-            "engines": [],
-            "versions": _versions(),
-            "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      "opset": OPSET, "seconds": stages.seconds},
-        }
-        if req.keeps_refit_map:
-            write_refit_input_graphs(tmp, manifest)
-        write_manifest(tmp, manifest)
-        # inside the hidden folder too: a failed fp16, int8 or TensorRT step leaves no folder behind
-        manifest = add_engines(tmp, req.engines, stages, log)
-    return manifest
+    if req.keeps_refit_map:
+        with stages.stage("pack adapters"):
+            adapters += [pack_adapter(pipe, spec, tmp, family, req.allow_pickle)
+                         for spec in loras if req.is_refittable(spec)]
+    components = {}
+    vocab_size = min(getattr(pipe, name).config.vocab_size for name in family.text_encoders)
+    for spec in component_exports(pipe, shapes, family, vae_decoder=tiny_vae):
+        with stages.stage(f"export {spec.name}"):
+            components[spec.name] = export_component(spec, tmp, vocab_size=vocab_size)
+    components["vae_decoder"]["source"] = (
+        type(pipe.vae).__name__ if tiny_vae is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
+    refit_map = {}
+    if req.keeps_refit_map:
+        with stages.stage("refit map"):
+            required = {m for a in adapters if not a["fused"] for m in a["targets"]}
+            refittable = refittable_components(pipe)
+            refit_map = build_refit_map(pipe, {c: tmp / components[c]["file"] for c in refittable}, required)
+            for c in refittable:  # the graphs were rewritten with external weights
+                components[c]["sha256"] = graph_hashes(tmp, components[c]["file"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "source": loaded.source,
+        "shapes": shapes,
+        "guidance_mode": req.guidance_mode,
+        "scheduler": {"class": "LCMScheduler", "config": _json_safe(scheduler.config)},
+        **{tokenizer_key(name): copy_tokenizer(getattr(pipe, tokenizer_key(name)), tmp, tokenizer_key(name))
+           for name in family.text_encoders},
+        **({"conditioning": {"force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}}
+           if family.time_ids else {}),
+        "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor),
+                "force_upcast": bool(pipe.vae.config.get("force_upcast", False))},
+        "components": components,
+        "adapters": adapters,
+        "refittable": req.keeps_refit_map,
+        "refit_map": refit_map,
+        "model_configs": model_configs(pipe) if req.keeps_refit_map else None,
+        "engines": [],
+        "versions": _versions(),
+        "build": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "opset": OPSET, "seconds": stages.seconds},
+    }
+    if req.keeps_refit_map:
+        write_refit_input_graphs(tmp, manifest)
+    write_manifest(tmp, manifest)

@@ -17,11 +17,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backends.onnxruntime import OnnxRuntimeBackend
-from ..engines.graphs import save_graph
+from ..engines.graphs import example_inputs, save_graph
 from ..errors import ExportError
 from ..families import LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS, TIME_IDS, Family
 from ..guidance import TIMESTEP_COND
-from ..manifest import TOKENIZER_DIR, TOKENIZER_FILE, file_sha256
+from ..manifest import (HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, TOKENIZER_DIR, TOKENIZER_FILE, WIDTH, file_sha256,
+                        size_dims)
 
 # opset 18 is the lowest where torch's exporters and ONNX Runtime agree on Split/Reduce attributes.
 OPSET = 18
@@ -97,27 +98,50 @@ class VaeEncoderGraph(torch.nn.Module):
 
 @dataclass
 class ComponentExport:
-    """One graph to export: a torch module, its static input shapes, and which axes may vary."""
+    """One graph to export: a torch module, its input shapes, the named axes of its outputs, and the values
+    its named (varying) dimensions take."""
 
     name: str
     module: torch.nn.Module
     inputs: dict[str, tuple[tuple, str]]  # name -> (shape, dtype); a str dim varies
-    outputs: list[str]
-    dim_values: dict[str, list[int]] = field(default_factory=dict)  # symbolic dim -> allowed sizes
+    outputs: dict[str, dict[int, str]]  # name -> {axis: dimension name} of the axes that vary
+    dim_values: dict[str, list[int]] = field(default_factory=dict)  # dimension name -> its values
+    profiles: list[dict[str, int]] = field(default_factory=lambda: [{}])  # the dimension values to validate at
 
 
 def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> list[ComponentExport]:
-    """The graphs an engine folder holds, with the shapes of the build's profile; `vae_decoder` (e.g. an
-    AutoencoderTiny) replaces the pipeline's VAE for decoding."""
-    n, lh, lw = shapes["batch"], shapes["latent_height"], shapes["latent_width"]
-    c, t = shapes["latent_channels"], shapes["text_length"]
+    """The graphs an engine folder holds, for the build's sizes and batches; `vae_decoder` (e.g. an
+    AutoencoderTiny) replaces the pipeline's VAE for decoding. A folder of several sizes names its size axes
+    (`lcmrt.manifest.size_dims`): one graph, with one set of weights, serves them all."""
+    n, c, t = shapes["batch"], shapes["latent_channels"], shapes["text_length"]
+    sizes = [tuple(size) for size in shapes["sizes"]]
+    per_size = [size_dims(h, w) for h, w in sizes]
+    if len(sizes) == 1:
+        h, w, lh, lw = (per_size[0][d] for d in (HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH))
+    else:
+        h, w, lh, lw = HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH
     unet_batches = shapes["unet_batch_sizes"]
     unet_batch = unet_batches[0] if len(unet_batches) == 1 else "unet_batch"
+
+    def export(name, module, inputs, outputs):
+        """A ComponentExport whose named dimensions take the build's values: each size, the largest batch."""
+        named = {d for shape, _ in inputs.values() for d in shape if isinstance(d, str)}
+        named |= {d for output_axes in outputs.values() for d in output_axes.values()}
+        values = {d: list(dict.fromkeys(dims[d] for dims in per_size)) for d in sorted(named) if d in per_size[0]}
+        if unet_batch in named:
+            values[unet_batch] = unet_batches
+        profiles = [{d: (dims[d] if d in dims else max(values[d])) for d in values} for dims in per_size]
+        profiles = [p for i, p in enumerate(profiles) if p not in profiles[:i]]
+        return ComponentExport(name, module, inputs, outputs, values, profiles)
+
+    def axes(*shape):
+        return {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+
     text_encoders = []
     for name in family.text_encoders:
         outputs = [family.hidden_state] + ([TEXT_EMBEDS] if name == family.pooled_text_encoder else [])
-        text_encoders.append(ComponentExport(name, TextEncoderGraph(getattr(pipe, name), outputs),
-                                             {"input_ids": ((1, t), "int64")}, outputs))
+        text_encoders.append(export(name, TextEncoderGraph(getattr(pipe, name), outputs),
+                                    {"input_ids": ((1, t), "int64")}, {o: {} for o in outputs}))
     unet_inputs = {"sample": ((unet_batch, c, lh, lw), "float32"),
                    "timestep": ((1,), "float32"),
                    "encoder_hidden_states": ((unet_batch, t, pipe.unet.config.cross_attention_dim), "float32")}
@@ -129,34 +153,18 @@ def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> l
     extra_inputs = tuple(list(unet_inputs)[3:])
     return [
         *text_encoders,
-        ComponentExport("unet", UNetGraph(pipe.unet, extra_inputs), unet_inputs, ["noise_pred"],
-                        {"unet_batch": unet_batches} if unet_batch == "unet_batch" else {}),
-        ComponentExport("vae_decoder", VaeDecoderGraph(pipe.vae if vae_decoder is None else vae_decoder),
-                        {"latents": ((n, c, lh, lw), "float32")}, ["image"]),
-        ComponentExport("vae_encoder", VaeEncoderGraph(pipe.vae),
-                        {"image": ((n, 3, shapes["height"], shapes["width"]), "float32")},
-                        ["latent_mean", "latent_std"]),
+        export("unet", UNetGraph(pipe.unet, extra_inputs), unet_inputs,
+               {"noise_pred": axes(unet_batch, c, lh, lw)}),
+        export("vae_decoder", VaeDecoderGraph(pipe.vae if vae_decoder is None else vae_decoder),
+               {"latents": ((n, c, lh, lw), "float32")}, {"image": axes(n, 3, h, w)}),
+        export("vae_encoder", VaeEncoderGraph(pipe.vae), {"image": ((n, 3, h, w), "float32")},
+               {"latent_mean": axes(n, c, lh, lw), "latent_std": axes(n, c, lh, lw)}),
     ]
 
 
-def _example_inputs(spec: ComponentExport, vocab_size: int, batch_for: dict[str, int]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(VALIDATION_SEED)
-    arrays = {}
-    for name, (shape, dtype) in spec.inputs.items():
-        shape = tuple(batch_for.get(d, d) if isinstance(d, str) else d for d in shape)
-        if name == "input_ids":
-            arrays[name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
-        elif name == "timestep":
-            arrays[name] = rng.uniform(0, 999, size=shape).astype(np.float32)
-        elif name == "image":
-            arrays[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        elif name == TIME_IDS:  # sizes and crop offsets in pixels
-            arrays[name] = rng.integers(0, 1024, size=shape).astype(np.float32)
-        elif name == TIMESTEP_COND:  # sines and cosines
-            arrays[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        else:
-            arrays[name] = rng.standard_normal(shape, dtype=np.float32)
-    return arrays
+def _example_inputs(spec: ComponentExport, vocab_size: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    return example_inputs([(name, shape, dtype) for name, (shape, dtype) in spec.inputs.items()], dims,
+                          VALIDATION_SEED, vocab_size)
 
 
 def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir: Path,
@@ -166,73 +174,78 @@ def _export_graph(spec: ComponentExport, example: dict[str, np.ndarray], out_dir
     args = tuple(torch.from_numpy(a) for a in example.values())
     dynamic_axes = {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
                     for name, (shape, _) in spec.inputs.items()}
+    dynamic_axes.update(spec.outputs)
     dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
-    if dynamic_axes:  # only the UNet batch varies; its output follows it
-        batch_axis = next(iter(dynamic_axes.values()))
-        dynamic_axes.update({name: batch_axis for name in spec.outputs})
     # The TorchScript exporter: 10x faster than dynamo on these models, same numbers (FIELD-NOTES.md).
-    # It scatters >2 GB weights over hundreds of files, so export to scratch and gather them.
+    # It scatters >2 GB weights over hundreds of files, so export to scratch and gather them (streamed: a
+    # full-size SDXL UNet's 10 GB never sit in memory next to the torch model).
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{spec.name}-export-") as scratch:
         scratch_path = Path(scratch) / graph_name
         try:
             with torch.no_grad():
                 torch.onnx.export(spec.module, args, str(scratch_path), input_names=list(spec.inputs),
-                                  output_names=spec.outputs, dynamic_axes=dynamic_axes or None,
+                                  output_names=list(spec.outputs), dynamic_axes=dynamic_axes or None,
                                   opset_version=OPSET, dynamo=False, do_constant_folding=True)
         except Exception as e:  # the exporter raises many types; name the component
             raise ExportError(f"Exporting {spec.name} to ONNX failed: {type(e).__name__}: {e}") from e
-        model = onnx.load(str(scratch_path), load_external_data=True)
-    # The tracer leaves some output dims symbolic (the VAE encoder's, after the moments split) although
-    # the inputs are static; declare the shapes the torch module produced.
-    for output, shape in zip(model.graph.output, output_shapes):
-        for dim, size in zip(output.type.tensor_type.shape.dim, shape):
-            if isinstance(size, str):
-                dim.dim_param = size
-            else:
-                dim.dim_value = size
-    return save_graph(model, out_dir, graph_name)
+        model = onnx.load(str(scratch_path), load_external_data=False)  # the weights stay on disk
+        # The tracer leaves some output dims symbolic (the VAE encoder's, after the moments split) although
+        # the inputs are static; declare the shapes the torch module produced.
+        for output, shape in zip(model.graph.output, output_shapes):
+            for dim, size in zip(output.type.tensor_type.shape.dim, shape):
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = size
+        return save_graph(model, out_dir, graph_name, data_dir=Path(scratch))
 
 
 def export_component(spec: ComponentExport, out_dir: Path, vocab_size: int) -> dict:
-    """Export one component into `out_dir`, validate it, and return its manifest entry."""
-    largest = {d: max(v) for d, v in spec.dim_values.items()}
-    example = _example_inputs(spec, vocab_size, largest)
+    """Export one component into `out_dir`, validate it at each of its profiles (each size of the folder, at
+    the largest batch), and return its manifest entry."""
+    examples = [_example_inputs(spec, vocab_size, dims) for dims in spec.profiles]
     flops = FlopCounterMode(display=False)
     with torch.no_grad(), flops:
-        reference = spec.module(*(torch.from_numpy(a) for a in example.values()))
-    reference = reference if isinstance(reference, tuple) else (reference,)
-    # only the UNet's batch varies, and its output follows it (axis 0)
-    batch_dim = next(iter(spec.dim_values), None)
-    output_shapes = [[batch_dim if batch_dim and i == 0 else n for i, n in enumerate(r.shape)] for r in reference]
-    files = _export_graph(spec, example, out_dir, output_shapes)
+        reference = _torch_outputs(spec, examples[0])
+    output_shapes = [[spec.outputs[name].get(i, n) for i, n in enumerate(r.shape)]
+                     for name, r in zip(spec.outputs, reference)]
+    files = _export_graph(spec, examples[0], out_dir, output_shapes)
 
     entry = {
         "file": files[0],
         "sha256": graph_hashes(out_dir, files[0]),
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, (s, d) in spec.inputs.items()],
-        "outputs": [{"name": n, "shape": shape, "dtype": str(r.numpy().dtype)}
+        "outputs": [{"name": n, "shape": shape, "dtype": str(r.dtype)}
                     for n, shape, r in zip(spec.outputs, output_shapes, reference)],
         "dim_values": spec.dim_values,
         "precision": "fp32",
         "parameters": sum(p.numel() for p in spec.module.parameters()),
-        "flops": flops.get_total_flops(),  # at the largest batch the graph accepts
+        "flops": flops.get_total_flops(),  # at the first size and the largest batch the graph accepts
     }
     session = OnnxRuntimeBackend().load(out_dir, {"components": {spec.name: entry}}, spec.name)
-    got = session.run(example)
     diffs, scale = [], 0.0
-    for name, ref in zip(spec.outputs, reference):
-        ref = ref.numpy()
-        diffs.append(float(np.abs(got[name] - ref).max()))
-        scale = max(scale, float(np.abs(ref).max()))
+    for i, example in enumerate(examples):
+        if i:
+            with torch.no_grad():
+                reference = _torch_outputs(spec, example)
+        got = session.run(example)
+        for name, ref in zip(spec.outputs, reference):
+            diffs.append(float(np.abs(got[name] - ref).max()))
+            scale = max(scale, float(np.abs(ref).max()))
     tolerance = VALIDATION_RTOL * max(1.0, scale)
     entry["validation"] = {"max_abs_diff": max(diffs), "tolerance": tolerance, "max_abs_reference": scale,
-                           "seed": VALIDATION_SEED, "runtime": "onnxruntime-cpu"}
+                           "seed": VALIDATION_SEED, "runtime": "onnxruntime-cpu", "profiles": spec.profiles}
     if not max(diffs) <= tolerance:  # also catches NaN
         raise ExportError(
             f"The exported {spec.name} graph differs from the torch module by {max(diffs):.3g} "
             f"(tolerance {tolerance:.3g}). This is an exporter problem, not an input problem; "
             "rerun with --debug and report it.")
     return entry
+
+
+def _torch_outputs(spec: ComponentExport, example: dict[str, np.ndarray]) -> list[np.ndarray]:
+    outputs = spec.module(*(torch.from_numpy(a) for a in example.values()))
+    return [o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 def graph_hashes(out_dir: Path, graph_name: str) -> dict[str, str]:

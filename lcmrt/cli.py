@@ -70,8 +70,11 @@ def _console(quiet: bool):
 @click.option("--lcm-weight", default=1.0, show_default=True, help="Weight of the LCM-LoRA.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH[:WEIGHT]",
               help="A style LoRA to fuse, optionally named and weighted; repeatable.")
-@click.option("--height", default=512, show_default=True, help="Image height in pixels (multiple of 8).")
-@click.option("--width", default=512, show_default=True, help="Image width in pixels (multiple of 8).")
+@click.option("--height", type=int, default=None, help="Image height in pixels (multiple of 8)  [default: 512]")
+@click.option("--width", type=int, default=None, help="Image width in pixels (multiple of 8)  [default: 512]")
+@click.option("--size", "sizes", multiple=True, metavar="WIDTHxHEIGHT",
+              help="A size to serve, e.g. 1024x1024; repeat for several sizes in one folder (weights stored "
+                   "once; the first is the default). Instead of --height/--width.")
 @click.option("--batch", default=1, show_default=True, help="Images per call.")
 @click.option("--guidance-mode", type=click.Choice(["none", "cfg"]), default="none", show_default=True,
               help="cfg also builds the unconditional batch, for guidance_scale > 1.")
@@ -101,7 +104,7 @@ def _console(quiet: bool):
 @click.option("--workspace", default="2G", show_default=True,
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
-def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mode, out, config, allow_pickle,
+def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guidance_mode, out, config, allow_pickle,
           overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, int8,
           vae_decoder, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
@@ -133,10 +136,14 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, batch, guidance_mod
         from .export.build import BuildRequest, build_engine_folder
         from .export.lora import LoraSpec, parse_lora_arg
 
+        if sizes and (height or width):
+            raise InputError("Give the size either as --size WIDTHxHEIGHT (repeatable) or as --height/--width, "
+                             "not both.")
         request = BuildRequest(
             model=model, out=out,
             lcm_lora=LoraSpec(path=Path(lcm_lora), weight=lcm_weight, name="lcm", role="lcm") if lcm_lora else None,
-            loras=[parse_lora_arg(text, role="style") for text in loras], height=height, width=width, batch=batch,
+            loras=[parse_lora_arg(text, role="style") for text in loras], height=height or 512, width=width or 512,
+            sizes=[parse_size(text) for text in sizes], batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
             refittable=refittable, refittable_lcm=refittable_lcm, vae_decoder=vae_decoder, engines=engines)
         manifest = build_engine_folder(request, stages, log)
@@ -203,11 +210,13 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
               help="ONNX Runtime: run the folder's fp16 or int8 graphs where it has them (default fp32).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
               help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
+@click.option("--size", default=None, metavar="WIDTHxHEIGHT",
+              help="One of the folder's sizes (`lcmrt info` lists them; default: its first).")
 @click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG path (*.png; missing folders are created); with several images, -0, -1, ... are appended "
                    "to the name.")
 def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, precision, adapters,
-             output):
+             size, output):
     """Generate images for PROMPT with the engine folder FOLDER."""
     from . import __version__
     from .images import check_png_path, save_png
@@ -220,12 +229,13 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
     for path in paths:
         check_png_path(path)
     weights = _adapter_weights(adapters) if adapters else None
+    height, width = parse_size(size) if size else (None, None)
     load_start = time.perf_counter()
     options = {"precision": precision} if precision else {}
     pipe = Pipeline.load(folder, backend=backend, adapters=weights, **options)
     load_seconds = time.perf_counter() - load_start
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  seed=seed, num_images=num_images)
+                  seed=seed, num_images=num_images, height=height, width=width)
     metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
                 "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
                 "backend": pipe.backend, "lcmrt_version": __version__,
@@ -239,6 +249,16 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
                f"total {t['total']:.2f} s (seed {pipe.last_seed})", err=True)
     for path in paths:
         click.echo(str(path))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """--size WIDTHxHEIGHT as (height, width)."""
+    from .errors import InputError
+
+    width, x, height = text.lower().partition("x")
+    if not (x and width.strip().isdigit() and height.strip().isdigit()):
+        raise InputError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024 or 896x1152.")
+    return int(height), int(width)
 
 
 def _adapter_weights(texts) -> dict[str, float]:
@@ -289,7 +309,8 @@ def info(folder, as_json):
                   f"built {_shown(raw, 'build', 'created')} with lcmrt {_shown(raw, 'versions', 'lcmrt')}")
     console.print(f"source: {_shown(raw, 'source', 'kind')} {_shown(raw, 'source', 'id')}"
                   + (f" (sha256 {_shown(raw, 'source', 'sha256')[:12]})" if _shown(raw, 'source', 'sha256') != "?" else ""))
-    console.print(f"shape: {s.width}x{s.height} px, batch {s.batch}, latent {s.latent_channels}x"
+    console.print(f"shape: {s.width}x{s.height} px" + (f" (sizes {s.size_names})" if len(s.sizes) > 1 else "")
+                  + f", batch {s.batch}, latent {s.latent_channels}x"
                   f"{s.latent_height}x{s.latent_width}, UNet batches {list(s.unet_batch_sizes)}; "
                   f"guidance mode {manifest.guidance_mode}")
     cfg = manifest.scheduler_config

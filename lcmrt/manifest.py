@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import EngineFolderError
@@ -341,9 +341,32 @@ class Component:
         return _field(self.data, key, float, f"components.{self.name}", None)
 
 
+# Names of the graph dimensions that follow the image size in a folder built for several sizes.
+HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH = "height", "width", "latent_height", "latent_width"
+MAX_SIZES = 16  # sizes of one folder: SDXL's training buckets and their transposes are 7
+
+
+def size_dims(height: int, width: int) -> dict[str, int]:
+    """The size-dependent graph dimensions of an image size."""
+    return {HEIGHT: height, WIDTH: width, LATENT_HEIGHT: height // LATENT_SCALE, LATENT_WIDTH: width // LATENT_SCALE}
+
+
+def with_size_dims(dims: dict[str, int]) -> dict[str, int]:
+    """`dims` (named dimension -> size) plus the size dimensions that follow from them: an image's height from
+    its latents' and back, as a graph's outputs (the VAE decoder's image) follow its inputs."""
+    dims = dict(dims)
+    for image, latent in ((HEIGHT, LATENT_HEIGHT), (WIDTH, LATENT_WIDTH)):
+        if latent in dims:
+            dims.setdefault(image, dims[latent] * LATENT_SCALE)
+        if image in dims:
+            dims.setdefault(latent, dims[image] // LATENT_SCALE)
+    return dims
+
+
 @dataclass(frozen=True)
 class Shapes:
-    """The static shape profile: one image batch at one size; the UNet also runs twice the batch with CFG."""
+    """The static shape profiles: one image batch at each of the folder's sizes (the first is the default, and
+    `height`/`width` are its); the UNet also runs twice the batch with CFG."""
     batch: int
     height: int
     width: int
@@ -352,16 +375,24 @@ class Shapes:
     latent_width: int
     text_length: int
     unet_batch_sizes: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]  # (height, width) of every size the folder serves
 
     @classmethod
     def parse(cls, d) -> "Shapes":
-        sizes = {f.name: _field(d, f.name, int, "shapes") for f in fields(cls) if f.name != "unet_batch_sizes"}
+        ints = {f.name: _field(d, f.name, int, "shapes") for f in fields(cls)
+                if f.name not in ("unet_batch_sizes", "sizes")}
         unet = _list_of(d, "unet_batch_sizes", int, "shapes")
-        for name, value in (*sizes.items(), *((f"unet_batch_sizes[{i}]", n) for i, n in enumerate(unet))):
+        for name, value in (*ints.items(), *((f"unet_batch_sizes[{i}]", n) for i, n in enumerate(unet))):
             top = SHAPE_LIMITS.get(name, SHAPE_LIMITS["batch"] * 2 if name.startswith("unet") else None)
             if not 1 <= value <= top:
                 raise _error(f"shapes.{name}", f"is {value}, outside 1..{top}", REBUILD)
-        shapes = cls(**sizes, unet_batch_sizes=unet)
+        default = (ints["height"], ints["width"])
+        sizes = tuple(_size(pair, f"shapes.sizes[{i}]")
+                      for i, pair in enumerate(_field(d, "sizes", list, "shapes", [list(default)])))
+        if not 1 <= len(sizes) <= MAX_SIZES or sizes[0] != default or len(set(sizes)) != len(sizes):
+            raise _error("shapes.sizes", f"is {[list(s) for s in sizes][:MAX_SIZES + 1]}; expected 1 to {MAX_SIZES} "
+                                         f"different [height, width] pairs, the first {list(default)}", REBUILD)
+        shapes = cls(**ints, unet_batch_sizes=unet, sizes=sizes)
         if (shapes.latent_height * LATENT_SCALE, shapes.latent_width * LATENT_SCALE) != (shapes.height, shapes.width):
             raise _error("shapes", f"has latents {shapes.latent_height}x{shapes.latent_width} for a "
                                    f"{shapes.height}x{shapes.width} image (the VAE scales by {LATENT_SCALE})", REBUILD)
@@ -369,6 +400,26 @@ class Shapes:
             raise _error("shapes.unet_batch_sizes", f"is {list(unet)}; a batch of {shapes.batch} runs the UNet at "
                                                     f"{shapes.batch} and, with guidance, {2 * shapes.batch}", REBUILD)
         return shapes
+
+    def at(self, height: int, width: int) -> "Shapes":
+        """The profile of one of the folder's sizes (the caller checks it is one: `size_names`)."""
+        return replace(self, height=height, width=width, latent_height=height // LATENT_SCALE,
+                       latent_width=width // LATENT_SCALE)
+
+    @property
+    def size_names(self) -> str:
+        """The folder's sizes as WIDTHxHEIGHT, for messages."""
+        return ", ".join(f"{w}x{h}" for h, w in self.sizes)
+
+
+def _size(pair, path: str) -> tuple[int, int]:
+    if not (isinstance(pair, list) and len(pair) == 2 and all(_KINDS[int][1](n) for n in pair)):
+        raise _error(path, f"is {json.dumps(pair)[:60]}, expected [height, width]", REBUILD)
+    for name, value in zip((HEIGHT, WIDTH), pair):
+        if not (1 <= value <= SHAPE_LIMITS[name] and value % LATENT_SCALE == 0):
+            raise _error(path, f"has {name} {value}, not a multiple of {LATENT_SCALE} in 8..{SHAPE_LIMITS[name]}",
+                         REBUILD)
+    return tuple(pair)
 
 
 @dataclass(frozen=True)
@@ -592,6 +643,13 @@ class Manifest:
             raise EngineFolderError(f"The engine folder has no {name!r} component (it has "
                                     f"{', '.join(components) or 'none'}). {REBUILD}")
         return Component.parse(name, components[name], f"components.{name}")
+
+    def dims(self, component: str, size: tuple[int, int] | None = None) -> dict[str, int]:
+        """Values of a component's named dimensions at one of the folder's sizes (default: the first), with a
+        varying batch at its largest: the shapes a graph is validated and measured at."""
+        values = self.component(component).dim_values
+        dims = {**{d: max(v) for d, v in values.items()}, **size_dims(*(size or self.shapes.sizes[0]))}
+        return {d: dims[d] for d in values}
 
     @property
     def adapters(self) -> tuple[Adapter, ...]:

@@ -239,21 +239,29 @@ class Pipeline:
                 self._prompt_cache.popitem(last=False)
         return conditioning
 
-    def _latent_shape(self, n: int) -> tuple:
-        s = self.shapes
-        return (n, s.latent_channels, s.latent_height, s.latent_width)
+    def shapes_at(self, height: int | None = None, width: int | None = None):
+        """The folder's shape profile at `height` x `width`, one of its sizes (either left out: the default
+        size's); any other size is an InputError listing the sizes."""
+        size = (self.shapes.height if height is None else height, self.shapes.width if width is None else width)
+        if not all(_is_int(v) for v in size) or tuple(size) not in self.shapes.sizes:
+            raise InputError(f"{self.folder} serves {self.shapes.size_names} (width x height), not "
+                             f"{size[1]!r}x{size[0]!r}. Pick one of those, or rebuild the folder with this size "
+                             "(`lcmrt build ... --size WIDTHxHEIGHT`, repeatable).")
+        return self.shapes.at(int(size[0]), int(size[1]))
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 4,
                  guidance_scale: float = 1.0, seed: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None):
-        """Images for `prompt`. The SDXL families also take diffusers' size conditioning: `original_size` and
-        `target_size` ((height, width), default the folder's size) and `crops_coords_top_left` ((top, left))."""
+                 target_size: tuple[int, int] | None = None, height: int | None = None, width: int | None = None):
+        """Images for `prompt`, `height` x `width` pixels: one of the folder's sizes (default: its first). The SDXL
+        families also take diffusers' size conditioning: `original_size` and `target_size` ((height, width),
+        default the image's size) and `crops_coords_top_left` ((top, left))."""
         # every argument is checked before any component runs
         steps, guidance_scale, seed, num_images = check_request(prompt, negative_prompt, num_inference_steps,
                                                                 guidance_scale, seed, num_images, output)
-        time_ids = self._time_ids(original_size, crops_coords_top_left, target_size)
+        shapes = self.shapes_at(height, width)
+        time_ids = self._time_ids(original_size, crops_coords_top_left, target_size, (shapes.height, shapes.width))
         if guidance_scale > 1 and not self.supports_guidance:
             raise GenerationError(
                 f"guidance_scale={guidance_scale:g} needs the unconditional batch, but {self.folder} was built "
@@ -264,7 +272,7 @@ class Pipeline:
         cfg_scale = 1.0 if self.guidance_embedded else guidance_scale  # > 1: classifier-free guidance
         sampler = LCMSampler.from_config(self.scheduler_config)
         sampler.set_timesteps(steps)
-        shape = self._latent_shape(num_images)
+        shape = (num_images, shapes.latent_channels, shapes.latent_height, shapes.latent_width)
         if latents is not None:
             latents = _checked_array("latents", latents, shape)
         if step_noise is not None:
@@ -306,7 +314,7 @@ class Pipeline:
         self._thread.precisions = ran
         return to_pil(result) if output == "pil" else result
 
-    def _time_ids(self, original_size, crops_coords_top_left, target_size) -> np.ndarray | None:
+    def _time_ids(self, original_size, crops_coords_top_left, target_size, size) -> np.ndarray | None:
         """SDXL's micro-conditioning as diffusers builds it: original_size + crops_coords_top_left + target_size,
         [1, 6] float32; None for a family without it."""
         if not self.family.time_ids:
@@ -314,7 +322,6 @@ class Pipeline:
                 raise InputError(f"original_size, crops_coords_top_left and target_size condition SDXL-family "
                                  f"UNets; this folder is {self.family.name}. Leave them out.")
             return None
-        size = (self.shapes.height, self.shapes.width)
         values = []
         for name, pair in (("original_size", original_size or size), ("crops_coords_top_left", crops_coords_top_left),
                            ("target_size", target_size or size)):
@@ -344,7 +351,7 @@ class Pipeline:
 
     def _denoise(self, sampler, x, step_noise, conditioning, guidance_scale, timings) -> np.ndarray:
         unet = self.sessions["unet"]
-        device_loop = unet.denoise_loop(self.shapes.batch)
+        device_loop = unet.denoise_loop(x.shape)
         if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
             x = device_loop(sampler, x, step_noise, conditioning, guidance_scale, timings)
             if not np.isfinite(x).all():  # the device loop returns only the final latents
@@ -471,7 +478,7 @@ def _checked_array(what: str, array, shape: tuple) -> np.ndarray:
         raise InputError(f"{what} must be an array of real numbers, got {type(array).__name__}"
                          + (f" of {values.dtype}" if values is not None else "") + ".")
     if values.shape != shape:
-        raise GenerationError(f"{what} has shape {list(values.shape)}, but this folder needs {list(shape)} "
+        raise GenerationError(f"{what} has shape {list(values.shape)}, but this size needs {list(shape)} "
                               f"(num_images, latent channels, height/8, width/8).")
     with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused below
         values = values.astype(np.float32, copy=False)

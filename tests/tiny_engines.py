@@ -63,7 +63,7 @@ def diff_to_diffusers(pipe, reference, monkeypatch, prompt, latents, step_noise,
     extra = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents, step_noise=step_noise,
                  output="np", **extra, **call)
-    assert image.shape == expected.shape == (latents.shape[0], TINY_HEIGHT, TINY_WIDTH, 3)
+    assert image.shape == expected.shape == (latents.shape[0], 8 * latents.shape[2], 8 * latents.shape[3], 3)
     assert image.dtype == np.float32
     return float(np.abs(image - expected).max())
 

@@ -16,7 +16,7 @@ import numpy as np
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple  # ints, or a str for a dimension that varies (the UNet batch of a cfg folder)
+    shape: tuple  # ints, or a str for a dimension that varies (the UNet batch of a cfg folder, the size)
     dtype: np.dtype
 
 
@@ -31,10 +31,10 @@ class Session(ABC):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; every input by name, every output returned by name."""
 
-    def denoise_loop(self, batch: int):
+    def denoise_loop(self, shape: tuple[int, ...]):
         """For a UNet session: a device-resident LCM loop `(sampler, latents, step_noise, conditioning,
-        guidance_scale, timings) -> latents` (conditioning: the UNet's other inputs by name), or None to run the
-        loop in numpy on the host."""
+        guidance_scale, timings) -> latents` for latents of `shape` [N, C, H/8, W/8] (conditioning: the UNet's
+        other inputs by name), or None to run the loop in numpy on the host."""
         return None
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:

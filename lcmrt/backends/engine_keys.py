@@ -131,6 +131,11 @@ def select_engine(folder: str | Path, manifest: Manifest | dict, component: str,
         raise EngineFolderError(
             f"The TensorRT engine {entry.file} was built from a different {component} graph than the one "
             f"in {folder} ({graph_file}): the graph was rebuilt after the engine. Rebuild the engines with `{cmd}`.")
+    built_for = entry.data.get("sizes")  # engines built before sizes were recorded served the one size
+    if built_for is not None and built_for != (sizes := [list(s) for s in Manifest.of(manifest).shapes.sizes]):
+        raise EngineFolderError(
+            f"The TensorRT engine {entry.file} has optimization profiles for the sizes {built_for}, but {folder} "
+            f"serves {sizes} ([height, width]). Rebuild the engines with `{cmd}`.")
     plan = folder_file(folder, entry.file)
     if not plan.is_file():
         raise EngineFolderError(f"{plan} is listed in the manifest but missing. Rebuild the engines with `{cmd}`.")

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError, EngineFolderError
 from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REBUILD, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
-                        verify_component)
+                        verify_component, with_size_dims)
 from .base import Backend, Session, TensorSpec
 
 PROVIDERS = {
@@ -336,9 +336,10 @@ class DeviceBinding:
         return {name: value.numpy() for name, value in outputs.items()}
 
     def _bind(self, feeds: dict[str, np.ndarray], graph_id: int) -> tuple:
-        sizes = {}  # symbolic dimension -> size, from the fed inputs
+        sizes = {}  # symbolic dimension -> size, from the fed inputs (an image's size follows its latents')
         for name, spec in self.session.inputs.items():
             sizes.update({d: n for d, n in zip(spec.shape, feeds[name].shape) if isinstance(d, str)})
+        sizes = with_size_dims(sizes)
         io = self.session._session.io_binding()
         inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
                   for name, value in feeds.items()}

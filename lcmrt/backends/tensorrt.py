@@ -3,8 +3,11 @@ swapped by refit, and the LCM step captured as a CUDA graph.
 
 - Load: the engine for this GPU's compute capability and this TensorRT version, built from the folder's
   current graph (`engine_keys.select_engine`; anything else is an error naming the rebuild command).
-- Buffers: every I/O tensor gets one device buffer at load (CuPy), bound once with `set_tensor_address`;
-  a varying batch dimension gets its largest size. `run` copies in, `execute_async_v3`, copies out.
+- Buffers: every I/O tensor gets one device buffer at load (CuPy), bound once with `set_tensor_address`,
+  as large as its largest shape in any optimization profile (a folder of several sizes has one profile per
+  size, each with the UNet's batches of a cfg folder). A run selects the profile its input shapes fall in
+  (`set_optimization_profile_async`), sets the shapes, and uses the front of each buffer. `run` copies in,
+  `execute_async_v3`, copies out.
 - Refit: `trt.Refitter` with the new values of the requested weights; weights the engine additionally
   needs (`get_missing_weights()`, e.g. a partner fused by the builder) get their current value, which is
   the pristine base value stored at build time unless an earlier refit changed it. All arrays are prepared
@@ -13,8 +16,9 @@ swapped by refit, and the LCM step captured as a CUDA graph.
   `apply_step` on CuPy arrays, noise from a fixed buffer) is captured once and replayed per step. Per-step
   scalars (timestep, sampler coefficients, guidance scale) live in small device buffers that are refilled
   before each launch, so one graph serves every step but the last (which adds no noise: a second graph).
-  Warm-up runs eagerly before capture; if capture fails the step runs eagerly; after a refit the graphs are
-  captured again (whether a captured graph sees refitted weights is not documented).
+  Warm-up runs eagerly before capture; if capture fails the step runs eagerly; after a refit, and for another
+  latent shape (batch or size), the graphs are captured again (whether a captured graph sees refitted weights
+  is not documented).
 - Threads: a session's buffers, execution context and CUDA graphs are shared by all its runs, so `run`, the
   denoise loop and `refit` take the session's `_run_lock`: one at a time per session (different sessions,
   e.g. one thread's VAE decode and another's UNet step, still run concurrently).
@@ -79,42 +83,48 @@ def gpu_compute_capability(device_id: int = 0) -> str:
 
 @dataclass(frozen=True)
 class BufferPlan:
-    """One I/O tensor: its largest shape (what the device buffer holds) and which axis may vary."""
+    """One I/O tensor: its engine shape (-1 where it varies between or within profiles) and the number of
+    elements its device buffer holds (its largest shape's)."""
 
     name: str
     is_input: bool
     shape: tuple[int, ...]
     dtype: np.dtype
-    varying_axis: int | None  # only a leading batch axis may vary (the UNet of a cfg folder)
+    capacity: int
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+        return self.capacity * self.dtype.itemsize
 
     def spec(self) -> TensorSpec:
-        shape = tuple("batch" if i == self.varying_axis else d for i, d in enumerate(self.shape))
+        shape = tuple(("batch" if i == 0 else f"dim{i}") if d < 0 else d for i, d in enumerate(self.shape))
         return TensorSpec(self.name, shape, self.dtype)
 
 
-def plan_buffer(name: str, is_input: bool, shape: tuple, dtype, profile_max: tuple | None = None) -> BufferPlan:
-    """Buffer for a tensor whose engine shape may hold -1 (varying); `profile_max` gives its largest shape.
-    Outputs that vary take the varying axis of the inputs (the caller passes the input's max there)."""
+def plan_buffer(name: str, is_input: bool, shape: tuple, dtype, largest: list[tuple] = ()) -> BufferPlan:
+    """Buffer for a tensor whose engine shape may hold -1 (varying); `largest` gives its largest shape in each
+    optimization profile."""
     shape = tuple(int(d) for d in shape)
-    varying = [i for i, d in enumerate(shape) if d < 0]
-    if not varying:
-        return BufferPlan(name, is_input, shape, np.dtype(dtype), None)
-    if varying != [0]:
-        raise BackendError(f"Tensor {name} varies in axes {varying}; lcmrt engines only vary the batch (axis 0). "
-                           "Rebuild the folder with `lcmrt build`.")
-    if profile_max is None:
-        raise BackendError(f"Tensor {name} has a varying batch but the engine gives no largest shape.")
-    return BufferPlan(name, is_input, tuple(int(d) for d in profile_max), np.dtype(dtype), 0)
+    if -1 not in shape:
+        return BufferPlan(name, is_input, shape, np.dtype(dtype), int(np.prod(shape)))
+    if not largest:
+        raise BackendError(f"Tensor {name} varies in shape but the engine gives no largest shape.")
+    return BufferPlan(name, is_input, shape, np.dtype(dtype), max(int(np.prod(s)) for s in largest))
 
 
 def fits(shape: tuple, plan: BufferPlan) -> bool:
-    if len(shape) != len(plan.shape):
-        return False
-    return all(s == p or (i == plan.varying_axis and 1 <= s <= p) for i, (s, p) in enumerate(zip(shape, plan.shape)))
+    """`shape` has the tensor's rank and fixed dimensions, and fits its buffer (the profiles decide the rest)."""
+    return (len(shape) == len(plan.shape) and all(p < 0 or s == p for s, p in zip(shape, plan.shape))
+            and 1 <= int(np.prod(shape)) <= plan.capacity)
+
+
+def profile_index(profiles: list[dict[str, tuple]], shapes: dict[str, tuple]) -> int | None:
+    """The first optimization profile ({input: (min, opt, max)}) that admits every input shape, or None."""
+    for i, profile in enumerate(profiles):
+        if all(all(lo <= d <= hi for lo, d, hi in zip(profile[name][0], shape, profile[name][2]))
+               for name, shape in shapes.items()):
+            return i
+    return None
 
 
 def coefficient_vector(coeffs) -> np.ndarray:
@@ -196,10 +206,12 @@ class TrtSession(Session):
         self.cuda_graphs = backend.cuda_graphs
         self._loop: CudaGraphDenoiser | None = None
         self.stream = cp.cuda.Stream(non_blocking=True)  # never the default stream
+        self._profile, self._shapes = 0, {}  # the context's profile and the varying input shapes set in it
+        self.profiles = self._read_profiles()
         self.plans = self._plan_buffers()
         self.buffers = {}
         for plan in self.plans.values():
-            self.buffers[plan.name] = cp.empty(plan.shape, dtype=plan.dtype)
+            self.buffers[plan.name] = cp.empty((plan.capacity,), dtype=plan.dtype)
             if not self.context.set_tensor_address(plan.name, self.buffers[plan.name].data.ptr):
                 raise BackendError(f"TensorRT refused the device buffer of {plan.name} ({component}).")
         self.inputs = {p.name: p.spec() for p in self.plans.values() if p.is_input}
@@ -208,59 +220,75 @@ class TrtSession(Session):
         self._refitter = None
         self._values: dict[str, np.ndarray] = {}  # weights changed by refit, in the engine's dtype
         self._pristine: dict[str, np.ndarray] | None = None
-        self._batch = None
+
+    def _names(self, mode) -> list[str]:
+        engine = self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        return [n for n in names if (engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT) == (mode == "input")]
+
+    def _read_profiles(self) -> list[dict[str, tuple]]:
+        """{varying input: (min, opt, max) shapes} of each optimization profile ([{}] for a static engine)."""
+        varying = [n for n in self._names("input") if -1 in tuple(self.engine.get_tensor_shape(n))]
+        if not varying:
+            return [{}]
+        return [{n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p)) for n in varying}
+                for p in range(self.engine.num_optimization_profiles)]
 
     def _plan_buffers(self) -> dict[str, BufferPlan]:
-        trt, engine = self.trt, self.engine
-        plans, batch_max = {}, None
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        for name in names:  # inputs first: a varying output takes the inputs' largest batch
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
-                continue
-            shape = tuple(engine.get_tensor_shape(name))
-            profile_max = tuple(engine.get_tensor_profile_shape(name, 0)[2]) if -1 in shape else None
-            plans[name] = plan_buffer(name, True, shape, numpy_dtype(engine.get_tensor_dtype(name)), profile_max)
-            if profile_max:
-                batch_max = profile_max[0]
-        for name in names:
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                continue
-            shape = tuple(engine.get_tensor_shape(name))
-            profile_max = (batch_max, *shape[1:]) if -1 in shape else None
-            plans[name] = plan_buffer(name, False, shape, numpy_dtype(engine.get_tensor_dtype(name)), profile_max)
+        """Each tensor's buffer holds its largest shape over the profiles: an input's profile maximum, an
+        output's shape at its profile's maximum inputs (asked of the context, which infers it)."""
+        engine, plans = self.engine, {}
+        largest = {n: [] for n in self._names("input") + self._names("output")}
+        for profile in self.profiles:
+            if profile:
+                self.set_shapes({n: hi for n, (_, _, hi) in profile.items()})
+            for name in largest:
+                largest[name].append(tuple(self.context.get_tensor_shape(name)))
+        for name, shapes in largest.items():
+            plans[name] = plan_buffer(name, engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
+                                      tuple(engine.get_tensor_shape(name)), numpy_dtype(engine.get_tensor_dtype(name)),
+                                      shapes)
         return plans
 
     # --- eager runs -------------------------------------------------------------------------------------
-    def set_batch(self, batch: int) -> None:
-        """Input shapes for a varying batch (no-op for static engines or an unchanged batch)."""
-        if batch == self._batch:
+    def set_shapes(self, shapes: dict[str, tuple]) -> None:
+        """Select the profile admitting the varying inputs' `shapes` and set them (no-op where unchanged)."""
+        shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
+        if shapes == self._shapes:
             return
-        for plan in self.plans.values():
-            if plan.is_input and plan.varying_axis is not None:
-                if not self.context.set_input_shape(plan.name, (batch, *plan.shape[1:])):
-                    raise BackendError(f"{self.component}: batch {batch} is outside the engine's profile.")
-        self._batch = batch
+        index = profile_index(self.profiles, shapes)
+        if index is None:
+            raise BackendError(f"{self.component}: input shapes {shapes} are outside the engine's optimization "
+                               f"profiles. Rebuild the engines for the folder's sizes with "
+                               f"`{rebuild_command(self.folder)}`.")
+        if index != self._profile:
+            if not self.context.set_optimization_profile_async(index, self.stream.ptr):
+                raise BackendError(f"TensorRT refused optimization profile {index} of {self.component}.")
+            self._profile, self._shapes = index, {}  # a new profile forgets the input shapes
+        for name, shape in shapes.items():
+            if self._shapes.get(name) != shape and not self.context.set_input_shape(name, shape):
+                raise BackendError(f"{self.component}: TensorRT refused the shape {list(shape)} of {name}.")
+        self._shapes = shapes
 
     def execute(self) -> None:
         """Enqueue the engine on the session's stream with the bound buffers."""
         if not self.context.execute_async_v3(self.stream.ptr):
             raise BackendError(f"TensorRT failed to enqueue {self.component} (see its log above).")
 
-    def view(self, name: str, batch: int | None = None):
+    def view(self, name: str):
+        """The front of a tensor's buffer, in its current shape (set_shapes first where it varies)."""
         plan, buf = self.plans[name], self.buffers[name]
-        return buf if plan.varying_axis is None or batch is None else buf[:batch]
+        shape = plan.shape if -1 not in plan.shape else tuple(int(d) for d in self.context.get_tensor_shape(name))
+        return buf[:int(np.prod(shape))].reshape(shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_feeds(feeds)
-        batch = next((feeds[p.name].shape[0] for p in self.plans.values()
-                      if p.is_input and p.varying_axis is not None), None)
         with self._run_lock:
-            if batch is not None:
-                self.set_batch(batch)
-            for name, spec in self.inputs.items():
-                self.view(name, batch).set(np.ascontiguousarray(feeds[name]), stream=self.stream)
+            self.set_shapes({n: feeds[n].shape for n in self.profiles[0]})
+            for name in self.inputs:
+                self.view(name).set(np.ascontiguousarray(feeds[name]), stream=self.stream)
             self.execute()
-            outs = {name: self.view(name, batch).get(stream=self.stream) for name in self.outputs}
+            outs = {name: self.view(name).get(stream=self.stream) for name in self.outputs}
             self.stream.synchronize()
         return outs
 
@@ -271,18 +299,20 @@ class TrtSession(Session):
             plan, value = self.plans[name], feeds[name]
             if not isinstance(value, np.ndarray) or value.dtype != plan.dtype or not fits(value.shape, plan):
                 got = f"{value.dtype}{list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
-                raise BackendError(f"{self.component} input {name!r}: expected {plan.dtype}{list(plan.shape)}, got {got}.")
+                raise BackendError(f"{self.component} input {name!r}: expected {plan.dtype}{list(plan.shape)} "
+                                   f"(-1: varies), got {got}.")
 
-    # --- refit ------------------------------------------------------------------------------------------
-    def denoise_loop(self, batch: int) -> "CudaGraphDenoiser | None":
-        """The LCM loop on the device for `batch` latents, one CUDA-graph launch per step (UNet only)."""
+    def denoise_loop(self, shape: tuple[int, ...]) -> "CudaGraphDenoiser | None":
+        """The LCM loop on the device for latents of `shape`, one CUDA-graph launch per step (UNet only)."""
         if "sample" not in self.plans:
             return None
+        shape = tuple(int(d) for d in shape)
         with self._run_lock:
-            if self._loop is None or self._loop.n != batch:
-                self._loop = CudaGraphDenoiser(self, batch, use_graphs=self.cuda_graphs)
+            if self._loop is None or self._loop.shape != shape:
+                self._loop = CudaGraphDenoiser(self, shape, use_graphs=self.cuda_graphs)
             return self._loop
 
+    # --- refit ------------------------------------------------------------------------------------------
     def refittable(self) -> bool:
         return self.entry.refit_base is not None
 
@@ -362,10 +392,9 @@ class CudaGraphDenoiser:
     """The LCM denoising loop on the GPU for a TensorRT UNet session: latents, noise and the sampler update
     stay on the device, and each step is one CUDA-graph launch (or an eager run where capture fails)."""
 
-    def __init__(self, unet: TrtSession, batch: int, use_graphs: bool = True):
-        self.unet, self.cp, self.n, self.use_graphs = unet, unet.cp, batch, use_graphs
-        cp, plan = self.cp, unet.plans["sample"]
-        shape = (batch, *plan.shape[1:])  # latents: [N, 4, H/8, W/8]
+    def __init__(self, unet: TrtSession, shape: tuple[int, ...], use_graphs: bool = True):
+        self.unet, self.cp, self.shape, self.n, self.use_graphs = unet, unet.cp, shape, shape[0], use_graphs
+        cp = self.cp  # latents: [N, 4, H/8, W/8]
         with unet.stream:
             self.x = cp.zeros(shape, dtype=np.float32)
             self.noise = cp.zeros(shape, dtype=np.float32)
@@ -379,15 +408,14 @@ class CudaGraphDenoiser:
         from ..sampler import apply_step
 
         cp, n, unet = self.cp, self.n, self.unet
-        b = 2 * n if guided else n
-        sample = unet.view("sample", b)
+        sample = unet.view("sample")  # [b, 4, H/8, W/8]: _run set the shapes
         if guided:  # CFG batch: (negative, prompt) halves of the same latents
             sample[:n] = self.x
             sample[n:] = self.x
         else:
             sample[...] = self.x
         unet.execute()
-        pred = unet.view("noise_pred", b)
+        pred = unet.view("noise_pred")
         if guided:
             uncond, cond = pred[:n], pred[n:]
             pred = uncond + self.guidance * (cond - uncond)
@@ -431,7 +459,9 @@ class CudaGraphDenoiser:
     def _run(self, sampler, latents, step_noise, conditioning, guidance_scale, timings) -> np.ndarray:
         cp, unet, stream = self.cp, self.unet, self.unet.stream
         guided = guidance_scale > 1
-        unet.set_batch(2 * self.n if guided else self.n)
+        b = 2 * self.n if guided else self.n
+        unet.set_shapes({name: (b, *self.shape[1:]) if name == "sample" else conditioning[name].shape
+                         for name in unet.profiles[0]})
         steps = len(sampler.timesteps)
         graphs = {}
         if self.use_graphs and self.eager_reason is None:
@@ -440,7 +470,7 @@ class CudaGraphDenoiser:
                 graphs[sampler.step_coefficients(i).final] = self._graph(sampler.step_coefficients(i), guided)
         with stream:
             for name, value in conditioning.items():
-                unet.view(name, value.shape[0]).set(np.ascontiguousarray(value), stream=stream)
+                unet.view(name).set(np.ascontiguousarray(value), stream=stream)
             self.x.set(np.ascontiguousarray(latents, dtype=np.float32), stream=stream)
             self.guidance.set(np.asarray(guidance_scale, dtype=np.float32), stream=stream)
             noise_all = cp.asarray(np.stack(step_noise).astype(np.float32)) if step_noise else None
@@ -465,4 +495,4 @@ class CudaGraphDenoiser:
 
 
 __all__ = ["CudaGraphDenoiser", "TensorRTBackend", "TrtSession", "coefficient_vector", "device_coefficients",
-           "gpu_compute_capability", "numpy_dtype", "parse_cupy_compute_capability", "plan_buffer"]
+           "gpu_compute_capability", "numpy_dtype", "parse_cupy_compute_capability", "plan_buffer", "profile_index"]

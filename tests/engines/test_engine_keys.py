@@ -88,3 +88,17 @@ def test_replace_entries():
     b = engine_entry(EngineKey("8.9", "10.3.0"), "unet", "u.onnx", "1", "p2", "fp16")
     a2 = engine_entry(KEY, "unet", "u.onnx", "2", "p3", "fp16")
     assert replace_engine_entries([a, b], [a2]) == [b, a2]
+
+
+def test_engine_for_other_sizes(tmp_path):
+    """An engine records the sizes its optimization profiles serve; a folder serving others needs new engines."""
+    manifest = _folder(tmp_path)
+    shapes = {"batch": 1, "height": 64, "width": 64, "latent_channels": 4, "latent_height": 8, "latent_width": 8,
+              "text_length": 77, "unet_batch_sizes": [1], "sizes": [[64, 64], [48, 80]]}
+    manifest["shapes"] = shapes
+    manifest["engines"][0]["sizes"] = [[64, 64], [48, 80]]
+    assert select_engine(tmp_path, manifest, "unet", KEY).data["sizes"] == [[64, 64], [48, 80]]
+    manifest["engines"][0]["sizes"] = [[64, 64]]
+    with pytest.raises(EngineFolderError, match=r"profiles for the sizes \[\[64, 64\]\].*serves \[\[64, 64\], "
+                                                r"\[48, 80\]\].*lcmrt build --engines-only"):
+        select_engine(tmp_path, manifest, "unet", KEY)

@@ -45,7 +45,7 @@ def _feeds(folder, component, batch=None):
     from lcmrt.engines.fp16 import _vocab_size, example_inputs
 
     manifest = read_manifest(folder)
-    feeds = example_inputs(manifest.component(component), vocab_size=_vocab_size(folder, manifest))
+    feeds = example_inputs(manifest, component, vocab_size=_vocab_size(folder, manifest))
     if batch is not None:
         feeds = {k: v[:batch] if v.ndim > 1 else v for k, v in feeds.items()}
     return feeds
@@ -104,7 +104,7 @@ def test_cuda_graph_loop_matches_numpy_loop(trt_folder, guidance_scale, use_grap
             pred = u + np.float32(guidance_scale) * (c - u)
         x = sampler.step(pred, t, x, noise=noise[i] if i < 3 else None)
 
-    denoiser = CudaGraphDenoiser(unet, batch=1, use_graphs=use_graphs)
+    denoiser = CudaGraphDenoiser(unet, latents.shape, use_graphs=use_graphs)
     for _ in range(2):  # the second call replays the captured graphs
         got = denoiser(sampler, latents, noise, {"encoder_hidden_states": embeds}, guidance_scale)
         np.testing.assert_allclose(got, x, atol=1e-4, rtol=1e-4)
@@ -135,5 +135,5 @@ def test_refit_from_pristine_weights(trt_folder):
     with pytest.raises(Exception, match="not refittable"):
         unet.refit({"no.such.weight": np.zeros(1, np.float32)})
     # a denoiser re-captures after a refit
-    denoiser = CudaGraphDenoiser(unet, batch=1)
+    denoiser = CudaGraphDenoiser(unet, feeds["sample"].shape)
     assert denoiser is not None

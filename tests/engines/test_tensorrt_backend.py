@@ -7,7 +7,7 @@ import pytest
 
 from lcmrt.backends.tensorrt import (DEVICE_COEFFICIENTS, TensorRTBackend, coefficient_vector,
                                      device_coefficients, fits, numpy_dtype, parse_cupy_compute_capability,
-                                     plan_buffer)
+                                     plan_buffer, profile_index)
 from lcmrt.errors import BackendError
 from lcmrt.families import SD15_SCHEDULER
 from lcmrt.sampler import LCMSampler, StepCoefficients, apply_step
@@ -36,15 +36,27 @@ def test_compute_capability():
 
 def test_buffer_plans():
     static = plan_buffer("latents", True, (1, 4, 8, 8), np.float32)
-    assert static.varying_axis is None and static.nbytes == 4 * 4 * 64
-    cfg = plan_buffer("sample", True, (-1, 4, 8, 8), np.float32, profile_max=(2, 4, 8, 8))
-    assert cfg.shape == (2, 4, 8, 8) and cfg.varying_axis == 0 and cfg.spec().shape == ("batch", 4, 8, 8)
+    assert static.capacity == 4 * 64 and static.nbytes == 4 * 4 * 64 and static.spec().shape == (1, 4, 8, 8)
+    cfg = plan_buffer("sample", True, (-1, 4, 8, 8), np.float32, [(2, 4, 8, 8)])
+    assert cfg.capacity == 2 * 4 * 64 and cfg.spec().shape == ("batch", 4, 8, 8)
     assert fits((1, 4, 8, 8), cfg) and fits((2, 4, 8, 8), cfg) and not fits((3, 4, 8, 8), cfg)
-    assert not fits((1, 4, 8, 8, 1), cfg) and not fits((2, 4, 8, 8), static)
-    with pytest.raises(BackendError):
-        plan_buffer("x", True, (1, -1), np.float32, profile_max=(1, 4))
-    with pytest.raises(BackendError):
+    assert not fits((1, 4, 8, 8, 1), cfg) and not fits((2, 4, 8, 8), static) and not fits((1, 4, 8, 9), cfg)
+    # several sizes: the buffer holds the largest shape of any profile, whichever axes vary
+    sizes = plan_buffer("sample", True, (-1, 4, -1, -1), np.float32, [(2, 4, 16, 16), (2, 4, 12, 20)])
+    assert sizes.capacity == 2 * 4 * 256 and sizes.spec().shape == ("batch", 4, "dim2", "dim3")
+    assert fits((2, 4, 12, 20), sizes) and fits((1, 4, 16, 16), sizes) and not fits((2, 4, 16, 20), sizes)
+    with pytest.raises(BackendError, match="no largest shape"):
         plan_buffer("x", True, (-1, 4), np.float32)
+
+
+def test_profile_index():
+    profiles = [{"sample": ((1, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 16))},
+                {"sample": ((1, 4, 12, 20), (2, 4, 12, 20), (2, 4, 12, 20))}]
+    assert profile_index(profiles, {"sample": (2, 4, 16, 16)}) == 0
+    assert profile_index(profiles, {"sample": (1, 4, 12, 20)}) == 1
+    assert profile_index(profiles, {"sample": (1, 4, 12, 16)}) is None
+    assert profile_index(profiles, {"sample": (3, 4, 16, 16)}) is None
+    assert profile_index([{}], {}) == 0
 
 
 @pytest.mark.parametrize("steps", [1, 4, 8])

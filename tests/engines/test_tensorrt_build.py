@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from lcmrt.engines.tensorrt import (_dim_ranges, build_options, check_refit_targets, parse_size,
+from lcmrt.engines.tensorrt import (build_options, check_refit_targets, optimization_profiles, parse_size,
                                     parse_trt_version, refit_targets)
 from lcmrt.errors import BackendError, EngineFolderError, InputError
-from lcmrt.manifest import Component
+from lcmrt.manifest import Manifest
 
 
 def test_versions():
@@ -95,20 +95,37 @@ def test_refit_targets_and_naming():
                        "adapters": [{"name": "style", "weight": 0.8, "fused": False, "targets": ["unet.m"]}]}, "unet")
 
 
-def _component(inputs, dim_values) -> Component:
+def _manifest(inputs, dim_values, sizes=((64, 64),), unet_batches=(1, 2)) -> Manifest:
     entry = {"file": "unet.onnx", "sha256": {"unet.onnx": "0" * 64}, "dim_values": dim_values,
              "inputs": [{"name": n, "shape": shape, "dtype": "float32"} for n, shape in inputs]}
-    return Component.parse("unet", entry, "components.unet")
+    h, w = sizes[0]
+    shapes = {"batch": 1, "height": h, "width": w, "latent_channels": 4, "latent_height": h // 8,
+              "latent_width": w // 8, "text_length": 77, "unet_batch_sizes": list(unet_batches),
+              "sizes": [list(size) for size in sizes]}
+    return Manifest({"shapes": shapes, "components": {"unet": entry}})
 
 
-def test_dim_ranges():
-    unet = _component([("sample", ["unet_batch", 4, 8, 8]), ("timestep", [1]),
-                       ("encoder_hidden_states", ["unet_batch", 77, 32])], {"unet_batch": [1, 2]})
-    assert _dim_ranges(unet) == {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
-                                 "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}
-    assert _dim_ranges(_component([], {})) is None
+def test_optimization_profiles():
+    unet = _manifest([("sample", ["unet_batch", 4, 8, 8]), ("timestep", [1]),
+                      ("encoder_hidden_states", ["unet_batch", 77, 32])], {"unet_batch": [1, 2]})
+    assert optimization_profiles(unet, "unet") == [{"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
+                                                    "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}]
+    assert optimization_profiles(_manifest([("sample", [1, 4, 8, 8])], {}), "unet") == []
+    # several sizes: one profile per size, the size fixed in each, the batch ranging
+    sizes = _manifest([("sample", ["unet_batch", 4, "latent_height", "latent_width"]),
+                       ("encoder_hidden_states", ["unet_batch", 77, 32])],
+                      {"unet_batch": [1, 2], "latent_height": [8, 6], "latent_width": [8, 10]},
+                      sizes=((64, 64), (48, 80)))
+    assert optimization_profiles(sizes, "unet") == [
+        {"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)),
+         "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))},
+        {"sample": ((1, 4, 6, 10), (2, 4, 6, 10), (2, 4, 6, 10)),
+         "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (2, 77, 32))}]
+    vae = _manifest([("latents", [1, 4, "latent_height", "latent_width"])],
+                    {"latent_height": [8, 6], "latent_width": [8, 10]}, sizes=((64, 64), (48, 80)))
+    assert optimization_profiles(vae, "unet") == [{"latents": ((1, 4, 8, 8),) * 3}, {"latents": ((1, 4, 6, 10),) * 3}]
     with pytest.raises(EngineFolderError, match=r"components\.unet\.dim_values lacks the sizes of unet_batch"):
-        _component([("sample", ["unet_batch", 4])], {}).dim_values
+        _manifest([("sample", ["unet_batch", 4])], {}).component("unet").dim_values
 
 
 def test_no_gpu_imports():

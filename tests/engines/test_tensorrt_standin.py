@@ -80,9 +80,10 @@ def test_denoise_loop_is_a_method(gpu_standin_modules, trt_engine_folder):
     backend = TensorRTBackend()
     manifest = load_manifest(trt_engine_folder)
     unet = backend.load(trt_engine_folder, manifest, "unet")
-    loop = unet.denoise_loop(1)
-    assert isinstance(loop, CudaGraphDenoiser) and loop.n == 1 and unet.denoise_loop(1) is loop
-    assert backend.load(trt_engine_folder, manifest, "text_encoder").denoise_loop(1) is None
+    shape = (1, 4, manifest["shapes"]["latent_height"], manifest["shapes"]["latent_width"])
+    loop = unet.denoise_loop(shape)
+    assert isinstance(loop, CudaGraphDenoiser) and loop.n == 1 and unet.denoise_loop(shape) is loop
+    assert backend.load(trt_engine_folder, manifest, "text_encoder").denoise_loop(shape) is None
 
 
 def test_refit_needs_a_refittable_engine(gpu_standin_modules, trt_engine_folder):

@@ -95,7 +95,8 @@ def test_manifest_top_level(manifest, tiny_model):
     assert re.fullmatch(r"[0-9a-f]{64}", src["sha256"])
     assert manifest["shapes"] == {
         "batch": 1, "height": TINY_HEIGHT, "width": TINY_WIDTH, "latent_channels": 4,
-        "latent_height": 16, "latent_width": 16, "text_length": 77, "unet_batch_sizes": [1, 2]}
+        "latent_height": 16, "latent_width": 16, "text_length": 77, "unet_batch_sizes": [1, 2],
+        "sizes": [[TINY_HEIGHT, TINY_WIDTH]]}
     assert manifest["vae"] == {"scaling_factor": 0.18215, "force_upcast": True}  # diffusers' default, as SD1.5's
     assert manifest["build"]["opset"] >= 18
 
@@ -313,7 +314,8 @@ def test_external_data_above_threshold(fused_pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 1000)
     [spec] = [s for s in onnx_export.component_exports(fused_pipe, {
         "batch": 1, "latent_height": 16, "latent_width": 16, "latent_channels": 4, "text_length": 77,
-        "height": TINY_HEIGHT, "width": TINY_WIDTH, "unet_batch_sizes": [1]}, FAMILIES["sd15"]) if s.name == "text_encoder"]
+        "height": TINY_HEIGHT, "width": TINY_WIDTH, "unet_batch_sizes": [1], "sizes": [[TINY_HEIGHT, TINY_WIDTH]]},
+        FAMILIES["sd15"]) if s.name == "text_encoder"]
     entry = onnx_export.export_component(spec, tmp_path, vocab_size=fused_pipe.text_encoder.config.vocab_size)
     assert entry["file"] == "text_encoder.onnx"
     assert set(entry["sha256"]) == {"text_encoder.onnx", "text_encoder.onnx.data"}
@@ -329,7 +331,8 @@ def test_validation_failure_fails_the_component(fused_pipe, tmp_path, monkeypatc
     monkeypatch.setattr(onnx_export, "VALIDATION_RTOL", 0.0)
     [spec] = [s for s in onnx_export.component_exports(fused_pipe, {
         "batch": 1, "latent_height": 16, "latent_width": 16, "latent_channels": 4, "text_length": 77,
-        "height": TINY_HEIGHT, "width": TINY_WIDTH, "unet_batch_sizes": [1]}, FAMILIES["sd15"]) if s.name == "vae_decoder"]
+        "height": TINY_HEIGHT, "width": TINY_WIDTH, "unet_batch_sizes": [1], "sizes": [[TINY_HEIGHT, TINY_WIDTH]]},
+        FAMILIES["sd15"]) if s.name == "vae_decoder"]
     with pytest.raises(ExportError, match=r"vae_decoder graph differs from the torch module by .*tolerance 0"):
         onnx_export.export_component(spec, tmp_path, vocab_size=fused_pipe.text_encoder.config.vocab_size)
 

@@ -63,7 +63,7 @@ def test_size_not_multiple_of_8(tiny_model, out, option, value, hint):
     args = ["build", str(tiny_model["model"]), "--lcm-lora", str(tiny_model["lcm_lora"]), "--height", "64",
             "--width", "64", "--out", str(out), option, value, "--quiet"]
     err = error_of(CliRunner().invoke(cli, args), out)
-    assert f"{option} {value} is not a positive multiple of 8" in err and f"try {hint}" in err
+    assert f"The {option[2:]} {value} of the size" in err and "is not a multiple of 8" in err and f"try {hint}" in err
 
 
 def test_existing_out_refused_without_overwrite(tiny_model, tmp_path):

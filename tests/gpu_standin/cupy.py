@@ -254,6 +254,12 @@ class ndarray:
         src = _value(_operand(value))  # ops hold buffers, never the arrays: temporaries free as in a real capture
         get_current_stream().enqueue(lambda: np.copyto(target, src))
 
+    def reshape(self, *shape) -> "ndarray":
+        view = self._np.reshape(*shape)
+        if not np.shares_memory(view, self._np):
+            raise NotImplementedError("the stand-in reshapes views only (a contiguous array)")
+        return ndarray(self._mem, view)
+
     def set(self, arr: np.ndarray, stream: Stream | None = None) -> None:
         stream = stream or get_current_stream()
         if stream.is_capturing():

@@ -2,7 +2,7 @@
 parser, config flags, runtime, engine, execution context and refitter. Tests only (installed as `tensorrt`
 by the `gpu_standin` fixture, with the stand-in CuPy).
 
-The "plan" is a header (JSON: version, flags, marked/refittable weights, optimization profile, workspace)
+The "plan" is a header (JSON: version, flags, marked/refittable weights, optimization profiles, workspace)
 followed by the ONNX graph with its weights inline; the engine runs it with ONNX Runtime on the CPU, reading
 and writing the stand-in CuPy buffers its tensor addresses point to.
 
@@ -10,6 +10,8 @@ Contracts enforced (ContractViolation; TensorRT's Python API documentation and N
 - build: REFIT together with REFIT_INDIVIDUAL or REFIT_IDENTICAL; precision flags (FP16) on a strongly typed
   network; a graph with a varying dimension and no optimization profile, or a profile that does not cover it;
   the timing cache set on the config must come from that config.
+- profiles: `set_optimization_profile_async` takes an existing index and a created stream, and forgets the
+  input shapes set before (they must be set again); `set_input_shape` must fall in the active profile.
 - run: `execute_async_v3` only with every input of a varying shape set (`set_input_shape`) and every I/O
   tensor address set, each pointing into a live device allocation (256-byte aligned) of the tensor's dtype
   with room for its current shape; never on the default stream; under capture only after one eager run of
@@ -210,9 +212,12 @@ def _io_specs(model) -> list[dict]:
     specs = []
     for mode, values in (("INPUT", [v for v in model.graph.input if v.name not in inits]), ("OUTPUT", model.graph.output)):
         for v in values:
-            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+            dims = v.type.tensor_type.shape.dim
+            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-            specs.append({"name": v.name, "mode": mode, "shape": shape, "dtype": _FROM_NP[dtype].name})
+            # the names of varying dimensions stand for TensorRT's shape inference of the outputs
+            names = [d.dim_param if d.HasField("dim_param") else None for d in dims]
+            specs.append({"name": v.name, "mode": mode, "shape": shape, "dims": names, "dtype": _FROM_NP[dtype].name})
     return specs
 
 
@@ -239,17 +244,21 @@ class Builder:
         if network.model is None:
             raise violate("build_serialized_network() before the parser filled the network.")
         specs = _io_specs(network.model)
-        profile = config.profiles[0].shapes if config.profiles else {}
+        profiles = [p.shapes for p in config.profiles]
         for spec in specs:
             if spec["mode"] == "INPUT" and -1 in spec["shape"]:
-                if spec["name"] not in profile:
-                    raise violate(f"input {spec['name']} has a varying dimension but no optimization profile "
-                                  "gives its shapes (add_optimization_profile is required).")
-                lo, opt, hi = profile[spec["name"]]
-                for dims in (lo, opt, hi):
-                    if len(dims) != len(spec["shape"]) or any(s not in (-1, d) for s, d in zip(spec["shape"], dims)):
-                        raise violate(f"profile shapes {profile[spec['name']]} of {spec['name']} do not fit "
-                                      f"{spec['shape']}.")
+                for profile in profiles or [{}]:
+                    if spec["name"] not in profile:
+                        raise violate(f"input {spec['name']} has a varying dimension but an optimization profile "
+                                      "does not give its shapes (add_optimization_profile is required).")
+                    lo, opt, hi = profile[spec["name"]]
+                    for dims in (lo, opt, hi):
+                        if len(dims) != len(spec["shape"]) or any(s not in (-1, d) for s, d in zip(spec["shape"], dims)):
+                            raise violate(f"profile shapes {profile[spec['name']]} of {spec['name']} do not fit "
+                                          f"{spec['shape']}.")
+                    if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                        raise violate(f"profile shapes {profile[spec['name']]} of {spec['name']}: min <= opt <= max "
+                                      "does not hold.")
         inits = [t.name for t in network.model.graph.initializer]
         if "REFIT_INDIVIDUAL" in flags:
             refittable = sorted(set(network.marked))
@@ -260,7 +269,7 @@ class Builder:
         groups = [sorted(g & set(refittable)) for g in FUSED_WEIGHT_GROUPS if len(g & set(refittable)) > 1]
         header = {"version": __version__, "flags": sorted(flags), "strongly_typed": network.strongly_typed,
                   "marked": list(network.marked), "refittable": refittable, "fused_groups": groups,
-                  "profile": {k: [list(s) for s in v] for k, v in profile.items()}, "io": specs,
+                  "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles], "io": specs,
                   "pool_limits": config.pool_limits, "optimization_level": config.builder_optimization_level}
         built_configs.append(header)
         if config._cache is not None:
@@ -302,6 +311,7 @@ class ICudaEngine:
         self._session = None
 
     num_io_tensors = property(lambda self: len(self._io))
+    num_optimization_profiles = property(lambda self: max(1, len(self.header["profiles"])))
     refittable = property(lambda self: bool(self.header["refittable"]))
 
     def get_tensor_name(self, i: int) -> str:
@@ -317,9 +327,11 @@ class ICudaEngine:
         return DataType[self._io[name]["dtype"]]
 
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list:
-        if name not in self.header["profile"]:
-            raise violate(f"get_tensor_profile_shape({name!r}): not an input with profile shapes.")
-        return [tuple(s) for s in self.header["profile"][name]]
+        profiles = self.header["profiles"]
+        if not 0 <= profile_index < len(profiles) or name not in profiles[profile_index]:
+            raise violate(f"get_tensor_profile_shape({name!r}, {profile_index}): not an input with shapes in that "
+                          "profile.")
+        return [tuple(s) for s in profiles[profile_index][name]]
 
     def create_execution_context(self) -> "IExecutionContext":
         return IExecutionContext(self)
@@ -346,6 +358,30 @@ class IExecutionContext:
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.eager_runs = 0
+        self.profile = 0
+        self.profile_switches = 0
+
+    def set_optimization_profile_async(self, index: int, stream_handle: int) -> bool:
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            return False
+        if int(stream_handle) == 0 or _cp.stream_from_handle(stream_handle) is None:
+            raise violate("set_optimization_profile_async needs a created, live stream.")
+        self.profile, self.shapes = index, {}  # the shapes of the previous profile no longer hold
+        self.profile_switches += 1
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        """An input's set shape (-1 where unset and varying); an output's as the inputs' named dimensions give it."""
+        spec = self.engine._io[name]
+        if spec["mode"] == "INPUT":
+            return self.shapes.get(name, tuple(spec["shape"]))
+        from lcmrt.manifest import with_size_dims
+
+        named = {}
+        for n, shape in self.shapes.items():
+            named.update({d: v for d, v in zip(self.engine._io[n]["dims"], shape) if d})
+        named = with_size_dims(named)
+        return tuple(s if s != -1 else named.get(d, -1) for s, d in zip(spec["shape"], spec["dims"]))
 
     def set_input_shape(self, name: str, shape) -> bool:
         spec = self.engine._io.get(name)
@@ -356,7 +392,7 @@ class IExecutionContext:
         if len(shape) != len(static) or any(s != -1 and s != d for s, d in zip(static, shape)):
             return False
         if -1 in static:
-            lo, _, hi = self.engine.header["profile"][name]
+            lo, _, hi = self.engine.header["profiles"][self.profile][name]
             if any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
                 return False
         self.shapes[name] = shape
@@ -377,9 +413,10 @@ class IExecutionContext:
                 raise violate(f"execute_async_v3: input {name!r} has a varying shape {spec['shape']} and "
                               "set_input_shape was not called for it.")
             return self.shapes[name]
-        # varying outputs: the batch of the (varying) inputs, as the UNet's graph gives it
-        batch = next(s[0] for n, s in self.shapes.items() if -1 in self.engine._io[n]["shape"])
-        return (batch, *spec["shape"][1:])
+        shape = self.get_tensor_shape(name)
+        if -1 in shape:
+            raise violate(f"execute_async_v3: the shape of output {name!r} is not determined by the inputs set.")
+        return shape
 
     def _view(self, name: str) -> np.ndarray:
         spec = self.engine._io[name]

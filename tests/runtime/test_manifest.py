@@ -43,7 +43,7 @@ def test_reader_types_the_parts(tiny_refit_engine, refit_manifest):
     m = read_manifest(tiny_refit_engine)
     assert m.data == refit_manifest  # the typed view leaves the JSON as it is
     assert m.shapes == Shapes(batch=1, height=128, width=128, latent_channels=4, latent_height=16, latent_width=16,
-                              text_length=77, unet_batch_sizes=(1, 2))
+                              text_length=77, unet_batch_sizes=(1, 2), sizes=((128, 128),))
     assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     unet = m.components["unet"]
     assert (unet.file, unet.precision) == ("unet.onnx", "fp32") and unet.graph("fp16") is unet.graph_fp32
@@ -98,3 +98,31 @@ def test_a_dict_is_wrapped_as_is():
     assert Manifest.of(data).data is data and Manifest.of(Manifest(data)).data is data
     with pytest.raises(EngineFolderError, match="no 'unet' component.*lcmrt build"):
         Manifest(data).component("unet")
+
+
+def test_sizes(refit_manifest):
+    shapes = dict(refit_manifest["shapes"])
+    legacy = {k: v for k, v in shapes.items() if k != "sizes"}  # folders from before several sizes: their one
+    assert Manifest({"shapes": legacy}).shapes.sizes == ((128, 128),)
+    several = Manifest({"shapes": {**shapes, "sizes": [[128, 128], [96, 160]]}}).shapes
+    assert several.sizes == ((128, 128), (96, 160)) and several.size_names == "128x128, 160x96"
+    at = several.at(96, 160)
+    assert (at.height, at.width, at.latent_height, at.latent_width) == (96, 160, 12, 20) and at.sizes == several.sizes
+
+
+@pytest.mark.parametrize("sizes, problem", [
+    ([[96, 160]], "the first \\[128, 128\\]"),  # the first size is the default height x width
+    ([[128, 128], [128, 128]], "different"),
+    ([], "1 to 16"),
+    ([[128, 128]] + [[8 * i, 8] for i in range(1, 17)], "1 to 16"),
+    ([[128, 128], [100, 128]], "height 100, not a multiple of 8"),
+    ([[128, 128], [128, 8200]], "width 8200"),
+    ([[128, 128], [128]], "expected \\[height, width\\]"),
+    ([[128, 128], ["a", 8]], "expected \\[height, width\\]"),
+    ([[128, 128], [True, 8]], "expected \\[height, width\\]"),
+    ("128x128", "expected a list"),
+])
+def test_bad_sizes_are_refused(refit_manifest, sizes, problem):
+    doc = {"shapes": {**refit_manifest["shapes"], "sizes": sizes}}
+    with pytest.raises(EngineFolderError, match=rf"shapes\.sizes.*{problem}.*lcmrt build"):
+        Manifest(doc).shapes

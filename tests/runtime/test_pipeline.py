@@ -324,7 +324,7 @@ def test_guidance_needs_the_unconditional_batch(unguided_pipe, pipe):
 
 
 def test_wrong_latents(pipe):
-    needs = r"but this folder needs \[{}, 4, 16, 16\]"
+    needs = r"but this size needs \[{}, 4, 16, 16\]"
     with pytest.raises(GenerationError, match=r"latents has shape \[1, 4, 8, 8\], " + needs.format(1)):
         pipe(PROMPT, latents=np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(GenerationError, match=r"latents has shape \[1, 4, 16, 16\], " + needs.format(2)):
@@ -339,7 +339,7 @@ def test_wrong_step_noise(pipe):
         pipe(PROMPT, num_inference_steps=1, latents=latents, step_noise=step_noise)
     bad = step_noise[:2] + [np.zeros((1, 4, 16, 8), np.float32)]
     with pytest.raises(GenerationError,
-                       match=r"step_noise\[2\] has shape \[1, 4, 16, 8\], but this folder needs \[1, 4, 16, 16\]"):
+                       match=r"step_noise\[2\] has shape \[1, 4, 16, 8\], but this size needs \[1, 4, 16, 16\]"):
         pipe(PROMPT, num_inference_steps=4, latents=latents, step_noise=bad)
 
 

@@ -108,6 +108,20 @@ def test_size_conditioning_matches_diffusers(pipe, reference, monkeypatch):
     assert np.abs(image - default).max() > MAX_ABS_DIFF  # the conditioning reaches the UNet
 
 
+def test_a_second_size_matches_diffusers_at_that_size(model, reference, monkeypatch, tmp_path):
+    """A folder of two sizes, at the second: diffusers' image of that size, with the size conditioning that
+    follows it by default (original_size = target_size = the image's)."""
+    height, width = 96, 160
+    pipe = Pipeline.load(build_tiny_engine(model, tmp_path / "sizes", sizes=[(TINY_HEIGHT, TINY_WIDTH), (height, width)]))
+    rng = np.random.default_rng(3)
+    shape = (1, 4, height // 8, width // 8)
+    latents, step_noise = rng.standard_normal(shape, dtype=np.float32), [rng.standard_normal(shape, dtype=np.float32)]
+    diff = diff_to_diffusers(pipe, reference, monkeypatch, PROMPT, latents, step_noise, 2, 1.5, NEGATIVE,
+                             height=height, width=width)
+    print(f"{pipe.family.name} {width}x{height} of a two-size folder: max abs diff {diff:.2e}")
+    assert diff <= MAX_ABS_DIFF
+
+
 def test_the_parity_inputs_change_the_image(pipe):
     """Each input the parity tests vary moves the image past their bound (and ~1000x past the ~1e-6 they
     measure), so they can fail: a wrong conditioning would show."""
