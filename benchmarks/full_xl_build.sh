@@ -3,6 +3,8 @@
 # `lcmrt random-model` and of `lcmrt build` (LCM-LoRA fused, 1024x1024) per family, one line each in
 # DIR/xl-build.txt. Needs ~10 GB of disk per family for the model and as much for its engine folder.
 # Usage: benchmarks/full_xl_build.sh [DIR] [FAMILY ...]   (families: ssd1b sdxl; default both)
+# BUILD_ARGS adds build options, e.g. BUILD_ARGS=--no-ort-cpu-graphs to leave out the pre-optimized CPU graphs
+# (as much disk again as the graphs).
 set -euo pipefail
 dir=${1:-results/full}
 shift || true
@@ -26,6 +28,6 @@ for arch in "${families[@]}"; do
   [ -d "$dir/$arch" ] || measure "random-model $arch full" $lcmrt random-model "$dir/$arch" --arch "$arch" --size full
   rm -rf "$dir/$arch-fused"
   measure "build $arch ${size}x${size}" $lcmrt build "$dir/$arch/model" --lcm-lora "$dir/$arch/lcm-lora.safetensors" \
-      --height "$size" --width "$size" --out "$dir/$arch-fused" --quiet
+      --height "$size" --width "$size" --out "$dir/$arch-fused" --quiet ${BUILD_ARGS:-}
   echo "$arch engine folder: $(du -sh "$dir/$arch-fused" | cut -f1) ($(du -sh "$dir/$arch/model" | cut -f1) model)" | tee -a "$report"
 done
