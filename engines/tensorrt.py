@@ -18,8 +18,9 @@ imports it lazily. Facts it relies on (TensorRT 10.x/11.x Python API):
   the graph file.
 - A graph with varying dimensions needs optimization profiles (`add_optimization_profile`): a folder of
   several sizes gets one per size, each fixing the size (and ranging over the UNet batches of a cfg folder),
-  all in one engine with one set of weights, so a refit updates every size at once. The runtime picks a
-  profile per run (`set_optimization_profile_async`).
+  all in one engine with one set of weights (`extra_memory_target` 0 on the other profiles: no extra
+  weight space for them), so a refit updates every size at once. The runtime picks a profile per run
+  (`set_optimization_profile_async`).
 """
 from __future__ import annotations
 
@@ -191,10 +192,12 @@ def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, options: 
         config.builder_optimization_level = int(optimization_level)
     for flag in options.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    for shapes in profiles:
+    for i, shapes in enumerate(profiles):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
+        if i:  # the other sizes share the first profile's weights: one copy in the plan and on the GPU
+            profile.extra_memory_target = 0.0
         config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, False)  # (cache, ignore_mismatch)

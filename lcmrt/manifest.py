@@ -402,7 +402,7 @@ class Shapes:
         return shapes
 
     def at(self, height: int, width: int) -> "Shapes":
-        """The profile of one of the folder's sizes (the caller checks it is one: `size_names`)."""
+        """The profile at `height` x `width`, which the caller has checked is one of `sizes`."""
         return replace(self, height=height, width=width, latent_height=height // LATENT_SCALE,
                        latent_width=width // LATENT_SCALE)
 

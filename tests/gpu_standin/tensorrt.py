@@ -158,6 +158,7 @@ class Network:
 class OptimizationProfile:
     def __init__(self):
         self.shapes: dict[str, tuple] = {}
+        self.extra_memory_target = 1.0  # TensorRT's default: up to the weights' size again for this profile
 
     def set_shape(self, name, lo, opt, hi) -> None:
         self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
@@ -244,6 +245,8 @@ class Builder:
         if network.model is None:
             raise violate("build_serialized_network() before the parser filled the network.")
         specs = _io_specs(network.model)
+        if any(not 0.0 <= p.extra_memory_target <= 1.0 for p in config.profiles):
+            raise violate("extra_memory_target must be in [0, 1].")
         profiles = [p.shapes for p in config.profiles]
         for spec in specs:
             if spec["mode"] == "INPUT" and -1 in spec["shape"]:
@@ -270,6 +273,7 @@ class Builder:
         header = {"version": __version__, "flags": sorted(flags), "strongly_typed": network.strongly_typed,
                   "marked": list(network.marked), "refittable": refittable, "fused_groups": groups,
                   "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles], "io": specs,
+                  "extra_memory_targets": [p.extra_memory_target for p in config.profiles],
                   "pool_limits": config.pool_limits, "optimization_level": config.builder_optimization_level}
         built_configs.append(header)
         if config._cache is not None:

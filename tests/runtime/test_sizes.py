@@ -116,6 +116,7 @@ def test_tensorrt_one_profile_per_size(gpu_standin_modules, trt_multi, multi):
     unet_entry = next(e for e in manifest.engines if e.component == "unet")
     assert unet_entry.data["sizes"] == [[128, 128], [96, 160]]
     header = trt.read_plan_header((trt_multi / unet_entry.file).read_bytes())
+    assert header["extra_memory_targets"] == [1.0, 0.0]  # the second size adds no weight space
     assert [p["sample"] for p in header["profiles"]] == [[[1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16]],
                                                          [[1, 4, 12, 20], [2, 4, 12, 20], [2, 4, 12, 20]]]
     gpu, cpu = Pipeline.load(trt_multi, backend="tensorrt"), Pipeline.load(multi)
