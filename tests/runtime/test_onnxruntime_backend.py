@@ -80,6 +80,19 @@ def test_specs_include_symbolic_batch(session):
     }
 
 
+def test_cpu_sessions_keep_no_memory_arena(session, tmp_path):
+    """The arena would keep every run's activations (GBs at full size); prepacking is on unless asked off."""
+    from lcmrt.backends.onnxruntime import OrtSession
+
+    assert session._session.get_session_options().enable_cpu_mem_arena is False
+    mapped = OrtSession(session.path, "tiny", ["CPUExecutionProvider"], None, optimize=False, prepack=False)
+    options = mapped._session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feeds = _feeds()
+    np.testing.assert_allclose(mapped.run(feeds)["y"], session.run(feeds)["y"], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_run_matches_numpy(session, batch):
     feeds = _feeds(batch)
