@@ -129,3 +129,25 @@ def test_tensorrt_one_profile_per_size(gpu_standin_modules, trt_multi, multi):
             np.testing.assert_allclose(gpu(**call, height=height, width=width),
                                        cpu(**call, height=height, width=width), atol=CROSS_GRAPH_ATOL, rtol=0)
     assert gpu.sessions["unet"].context.profile_switches >= 4
+
+
+def test_tensorrt_shapes_outside_the_profiles_and_refusals(gpu_standin_modules, trt_multi, monkeypatch):
+    from lcmrt.backends.tensorrt import TensorRTBackend
+    from lcmrt.engines.fp16 import example_inputs
+    from lcmrt.errors import BackendError
+
+    manifest = read_manifest(trt_multi)
+    unet = TensorRTBackend().load(trt_multi, manifest, "unet")
+    feeds = example_inputs(manifest, "unet", size=(96, 160))
+    assert unet.run(feeds)["noise_pred"].shape == (2, 4, 12, 20)
+    unlisted = {**feeds, "sample": np.zeros((2, 4, 12, 16), np.float32)}  # fits the buffer, in no profile
+    with pytest.raises(BackendError, match=r"outside the engine's optimization profiles.*lcmrt build --engines-only"):
+        unet.run(unlisted)
+    first = example_inputs(manifest, "unet")
+    monkeypatch.setattr(unet.context, "set_optimization_profile_async", lambda index, stream: False)
+    with pytest.raises(BackendError, match="refused optimization profile 0 of unet"):
+        unet.run(first)
+    monkeypatch.undo()
+    monkeypatch.setattr(unet.context, "set_input_shape", lambda name, shape: False)
+    with pytest.raises(BackendError, match=r"refused the shape \[2, 4, 16, 16\] of sample"):
+        unet.run(first)
