@@ -151,3 +151,21 @@ def test_tensorrt_shapes_outside_the_profiles_and_refusals(gpu_standin_modules, 
     monkeypatch.setattr(unet.context, "set_input_shape", lambda name, shape: False)
     with pytest.raises(BackendError, match=r"refused the shape \[2, 4, 16, 16\] of sample"):
         unet.run(first)
+
+
+def test_fp16_and_int8_graphs_serve_every_size(tiny_model, tmp_path):
+    """fp16 and int8 graphs are converted from the one graph, so they keep its size axes; their fidelity is
+    measured at the first size."""
+    from lcmrt.engines.build import EngineRequest
+
+    folder = build_tiny_engine(tiny_model, tmp_path / "multi", sizes=SIZES,
+                               engines=EngineRequest(fp16=True, int8=True, ort_cpu_graphs=False))
+    fp32 = Pipeline.load(folder)
+    for precision in ("fp16", "int8"):
+        pipe = Pipeline.load(folder, backend="onnxruntime", precision=precision)
+        assert pipe.sessions["unet"].precision == precision
+        assert "fidelity" in read_manifest(folder).component("unet").variants[precision].data
+        for height, width in SIZES:
+            image = pipe(**CALL, height=height, width=width)
+            diff = float(np.abs(image - fp32(**CALL, height=height, width=width)).max())
+            assert image.shape == (1, height, width, 3) and 0 < diff < 0.1, (precision, height, width, diff)
