@@ -40,7 +40,7 @@ def unet_feeds(manifest) -> dict:
     rng = np.random.default_rng(0)
     return {"sample": rng.standard_normal((s.batch, s.latent_channels, s.latent_height, s.latent_width),
                                           dtype=np.float32),
-            "timestep": np.array([759.0], dtype=np.float32),
+            "timestep": np.full(s.batch, 759.0, dtype=np.float32),
             "encoder_hidden_states": rng.standard_normal((s.batch, s.text_length, hidden), dtype=np.float32)}
 
 

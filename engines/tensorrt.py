@@ -33,6 +33,7 @@ from pathlib import Path
 from ..backends.engine_keys import (EngineKey, engine_entry, rebuild_command, replace_engine_entries,
                                     source_graph)
 from ..errors import BackendError, EngineFolderError, InputError
+from ..families import ON_DEMAND_COMPONENTS
 from ..folder_update import commit
 from ..manifest import FP16, FP32, Manifest, file_sha256, read_manifest, size_dims
 
@@ -259,7 +260,8 @@ def build_engines(folder: str | Path, components: tuple[str, ...] | None = None,
     folder = Path(folder)
     manifest = read_manifest(folder)
     graphs = manifest.components
-    components = manifest.family_info.components if components is None else components
+    if components is None:  # what generations run, with the image encoders and the tiny VAE where present
+        components = (*manifest.family_info.components, *(c for c in ON_DEMAND_COMPONENTS if c in graphs))
     key = key or current_key(device_id)
     trt_version = key.trt_version
     (folder / key.dirname).mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ class BuildRequest:
     refittable: bool = False  # keep style LoRAs unfused, swappable at run time
     refittable_lcm: bool = False  # keep the LCM-LoRA unfused too
     vae_decoder: Path | None = None  # an AutoencoderTiny folder (TAESD) to decode with instead of the model's VAE
+    tiny_vae: Path | None = None  # an AutoencoderTiny folder whose encoder and decoder go in as extra components
+    stream_batch: int | None = None  # also a UNet batch of this many samples at staggered timesteps (streams)
     # built on top of the ONNX graphs: pre-optimized CPU graphs (on by default), fp16, int8, TensorRT engines
     engines: EngineRequest = field(default_factory=EngineRequest)
 
@@ -89,6 +91,9 @@ def check_request(req: BuildRequest) -> None:
                          "different sizes.")
     if req.batch < 1:
         raise InputError(f"--batch {req.batch} must be at least 1.")
+    if req.stream_batch is not None and not 1 <= req.stream_batch <= MAX_STREAM_BATCH:
+        raise InputError(f"--stream-batch {req.stream_batch} must be in 1..{MAX_STREAM_BATCH}: a stream batch holds "
+                         "one sample per denoising step of a frame (e.g. 2 for 4 steps at strength 0.5).")
     if req.guidance_mode not in GUIDANCE_MODES:
         raise InputError(f"--guidance-mode {req.guidance_mode!r} is not one of {', '.join(GUIDANCE_MODES)}.")
     if req.out.exists() and not req.overwrite:
@@ -96,24 +101,26 @@ def check_request(req: BuildRequest) -> None:
     if req.out.exists():
         check_replaceable(req.out, [Path(req.model), *(Path(s.path) for s in req.all_loras),
                                     *([Path(req.config)] if req.config else []),
-                                    *([Path(req.vae_decoder)] if req.vae_decoder else [])])
+                                    *(Path(p) for p in (req.vae_decoder, req.tiny_vae) if p)])
     for spec in req.all_loras:
         if not Path(spec.path).is_file():
             raise InputError(f"LoRA file {spec.path} does not exist.")
-    if req.vae_decoder is not None:
-        check_tiny_vae_folder(Path(req.vae_decoder), req.allow_pickle)
+    for option, path in (("--vae-decoder", req.vae_decoder), ("--tiny-vae", req.tiny_vae)):
+        if path is not None:
+            check_tiny_vae_folder(Path(path), req.allow_pickle, option)
     check_engine_request(req.engines, req.keeps_refit_map)
 
 
+MAX_STREAM_BATCH = 8  # a frame's denoising steps: LCM's useful range is 2-8
 TINY_VAE_CLASS = "AutoencoderTiny"
 TINY_VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def check_tiny_vae_folder(path: Path, allow_pickle: bool = False) -> None:
-    """--vae-decoder must be a diffusers AutoencoderTiny folder (TAESD's layout): config.json + weights."""
+def check_tiny_vae_folder(path: Path, allow_pickle: bool = False, option: str = "--vae-decoder") -> None:
+    """--vae-decoder and --tiny-vae take a diffusers AutoencoderTiny folder (TAESD's layout): config.json + weights."""
     import json
 
-    hint = ("--vae-decoder takes a diffusers AutoencoderTiny folder (TAESD layout: config.json and "
+    hint = (f"{option} takes a diffusers AutoencoderTiny folder (TAESD layout: config.json and "
             "diffusion_pytorch_model.safetensors), e.g. a local copy of madebyollin/taesd.")
     config = path / "config.json"
     if not path.is_dir() or not config.is_file():
@@ -196,7 +203,10 @@ def library_output_silenced():
 
 
 def build_shapes(family, req: BuildRequest) -> dict:
-    unet_batches = [req.batch] if req.guidance_mode == "none" else [req.batch, 2 * req.batch]
+    """The folder's static shapes; the UNet's batches are the image batch and the stream batch, each doubled
+    for a cfg folder (the unconditional half)."""
+    batches = sorted({req.batch, req.stream_batch or req.batch})
+    unet_batches = sorted({b * k for b in batches for k in ((1,) if req.guidance_mode == "none" else (1, 2))})
     return {
         "batch": req.batch, "height": req.height, "width": req.width, "sizes": [list(size) for size in req.sizes],
         "latent_channels": family.latent_channels,
@@ -204,6 +214,7 @@ def build_shapes(family, req: BuildRequest) -> dict:
         "latent_width": req.width // family.vae_scale_factor,
         "text_length": family.text_length,
         "unet_batch_sizes": unet_batches,
+        **({"stream_batch": req.stream_batch} if req.stream_batch else {}),
     }
 
 
@@ -274,10 +285,13 @@ def _export_folder(req: BuildRequest, tmp: Path, stages: Stages) -> None:
                     for record in fuse_loras(pipe, fused, allow_pickle=req.allow_pickle)]
     shapes = build_shapes(family, req)
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    tiny_vae = None
+    vae_decoder = tiny_vae = None
     if req.vae_decoder is not None:
         with stages.stage("load VAE decoder"):
-            tiny_vae = load_tiny_vae(Path(req.vae_decoder), family, req.allow_pickle)
+            vae_decoder = load_tiny_vae(Path(req.vae_decoder), family, req.allow_pickle)
+    if req.tiny_vae is not None:
+        with stages.stage("load tiny VAE"):
+            tiny_vae = load_tiny_vae(Path(req.tiny_vae), family, req.allow_pickle)
 
     if req.keeps_refit_map:
         with stages.stage("pack adapters"):
@@ -285,11 +299,13 @@ def _export_folder(req: BuildRequest, tmp: Path, stages: Stages) -> None:
                          for spec in loras if req.is_refittable(spec)]
     components = {}
     vocab_size = min(getattr(pipe, name).config.vocab_size for name in family.text_encoders)
-    for spec in component_exports(pipe, shapes, family, vae_decoder=tiny_vae):
+    for spec in component_exports(pipe, shapes, family, vae_decoder=vae_decoder, tiny_vae=tiny_vae):
         with stages.stage(f"export {spec.name}"):
             components[spec.name] = export_component(spec, tmp, vocab_size=vocab_size)
     components["vae_decoder"]["source"] = (
-        type(pipe.vae).__name__ if tiny_vae is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
+        type(pipe.vae).__name__ if vae_decoder is None else f"{TINY_VAE_CLASS}:{Path(req.vae_decoder).resolve()}")
+    for name in ("tiny_vae_encoder", "tiny_vae_decoder") if tiny_vae is not None else ():
+        components[name]["source"] = f"{TINY_VAE_CLASS}:{Path(req.tiny_vae).resolve()}"
     refit_map = {}
     if req.keeps_refit_map:
         with stages.stage("refit map"):

@@ -19,8 +19,10 @@ from ..manifest import file_sha256
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 WEIGHT_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
 # diffusers pipeline class -> lcmrt family (SDXL's pipeline also serves SSD-1B: see _family_of_unet)
+# An inpainting model (9-channel UNet) loads as its family's text-to-image pipeline: the same components.
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "LatentConsistencyModelPipeline": "sd15",
-                     "StableDiffusionXLPipeline": "sdxl"}
+                     "StableDiffusionInpaintPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                     "StableDiffusionXLInpaintPipeline": "sdxl"}
 # SD1.5 pipelines come with a safety checker lcmrt does not export
 _SD15_OPTIONS = {"sd15": {"safety_checker": None, "requires_safety_checker": False}}
 # One quick Hub look-up before loading: long enough for a slow link, short next to the downloader's retries.

@@ -80,7 +80,8 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    """Image in [-1, 1] to the mean and std of the latent distribution (unscaled), for img2img."""
+    """Image in [-1, 1] to the mean and std of the latent distribution (unscaled), for img2img and inpainting:
+    the runtime samples it (diffusers' `latent_dist.sample`) and applies the scaling factor."""
 
     def __init__(self, vae):
         super().__init__()
@@ -96,6 +97,18 @@ class VaeEncoderGraph(torch.nn.Module):
         return mean, std
 
 
+class TinyVaeEncoderGraph(torch.nn.Module):
+    """An AutoencoderTiny (TAESD) encoder: image in [-1, 1] to the sampler's latents. It is deterministic (no
+    distribution to sample) and its scaling_factor is 1.0, as diffusers' `retrieve_latents` uses it."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image, return_dict=False)[0] * self.vae.config.scaling_factor
+
+
 @dataclass
 class ComponentExport:
     """One graph to export: a torch module, its input shapes, the named axes of its outputs, and the values
@@ -109,10 +122,13 @@ class ComponentExport:
     profiles: list[dict[str, int]] = field(default_factory=lambda: [{}])  # the dimension values to validate at
 
 
-def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> list[ComponentExport]:
+def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None, tiny_vae=None) -> list[ComponentExport]:
     """The graphs an engine folder holds, for the build's sizes and batches; `vae_decoder` (e.g. an
-    AutoencoderTiny) replaces the pipeline's VAE for decoding. A folder of several sizes names its size axes
-    (`lcmrt.manifest.size_dims`): one graph, with one set of weights, serves them all."""
+    AutoencoderTiny) replaces the pipeline's VAE for decoding; `tiny_vae` (an AutoencoderTiny) adds its encoder
+    and decoder as components of their own (`tiny_vae_encoder`, `tiny_vae_decoder`). A folder of several sizes
+    names its size axes (`lcmrt.manifest.size_dims`): one graph, with one set of weights, serves them all.
+    The UNet's timestep is per sample, so one call can denoise samples at different timesteps (a stream batch);
+    its sample has the UNet's input channels (9 for an inpainting UNet: latents, mask, masked-image latents)."""
     n, c, t = shapes["batch"], shapes["latent_channels"], shapes["text_length"]
     sizes = [tuple(size) for size in shapes["sizes"]]
     per_size = [size_dims(h, w) for h, w in sizes]
@@ -142,8 +158,8 @@ def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> l
         outputs = [family.hidden_state] + ([TEXT_EMBEDS] if name == family.pooled_text_encoder else [])
         text_encoders.append(export(name, TextEncoderGraph(getattr(pipe, name), outputs),
                                     {"input_ids": ((1, t), "int64")}, {o: {} for o in outputs}))
-    unet_inputs = {"sample": ((unet_batch, c, lh, lw), "float32"),
-                   "timestep": ((1,), "float32"),
+    unet_inputs = {"sample": ((unet_batch, pipe.unet.config.in_channels, lh, lw), "float32"),
+                   "timestep": ((unet_batch,), "float32"),
                    "encoder_hidden_states": ((unet_batch, t, pipe.unet.config.cross_attention_dim), "float32")}
     if family.time_ids:  # SDXL: the pooled prompt and the size/crop conditioning
         pooled = getattr(pipe, family.pooled_text_encoder).config.projection_dim
@@ -159,6 +175,11 @@ def component_exports(pipe, shapes: dict, family: Family, vae_decoder=None) -> l
                {"latents": ((n, c, lh, lw), "float32")}, {"image": axes(n, 3, h, w)}),
         export("vae_encoder", VaeEncoderGraph(pipe.vae), {"image": ((n, 3, h, w), "float32")},
                {"latent_mean": axes(n, c, lh, lw), "latent_std": axes(n, c, lh, lw)}),
+        *([] if tiny_vae is None else [
+            export("tiny_vae_encoder", TinyVaeEncoderGraph(tiny_vae), {"image": ((n, 3, h, w), "float32")},
+                   {"latents": axes(n, c, lh, lw)}),
+            export("tiny_vae_decoder", VaeDecoderGraph(tiny_vae), {"latents": ((n, c, lh, lw), "float32")},
+                   {"image": axes(n, 3, h, w)})]),
     ]
 
 

@@ -9,7 +9,11 @@ StableDiffusionXLPipeline with its two text encoders and tokenizers for sdxl and
 two LoRA files in the formats met in the field: an LCM-LoRA in kohya format like
 `latent-consistency/lcm-lora-sdv1-5`, `lcm-lora-sdxl` and `lcm-lora-ssd-1b` (LCM-LoRA: arXiv 2311.05556) and a
 style LoRA in diffusers/peft format on the UNet and every text encoder. On request (`taesd=True`) also a tiny
-VAE in TAESD's architecture (diffusers' AutoencoderTiny; TAESDXL has the same one), for `--vae-decoder`.
+VAE in TAESD's architecture (diffusers' AutoencoderTiny; TAESDXL has the same one), for `--vae-decoder`. With
+`inpaint=True` OUT/model is the arch's inpainting variant instead, as `stable-diffusion-inpainting` and
+`stable-diffusion-xl-1.0-inpainting-0.1` ship (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline):
+the same model with a 9-channel UNet input (latents, mask, masked-image latents); LoRAs, VAE and text encoders stay
+the regular model's bytes.
 
 The CLIP tokenizer is trained here too: CLIP's pipeline (normalizer, split regex, byte-level BPE with
 `</w>` word ends, `<|startoftext|>`/`<|endoftext|>`) on a small built-in prompt corpus, because the real
@@ -22,7 +26,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +65,9 @@ BPE_MIN_PAIR_COUNT = 2
 # black, partly clipped image; its last conv is rescaled to mid-gray with this spread, so image comparisons
 # see every pixel.
 TAESD_OUTPUT_MEAN, TAESD_OUTPUT_STD = 0.5, 0.15
+LATENT_CHANNELS = 4  # SD's VAE latents, and the UNet's output
+# An inpainting UNet's input: latents, mask, masked image's latents (stable-diffusion-inpainting's conv_in).
+INPAINT_IN_CHANNELS = LATENT_CHANNELS + 1 + LATENT_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class RandomModelArch:
     # text_encoder_N reads tokenizer_N, as diffusers names them, and its config is the preset's field of its name
     text_encoders: tuple[tuple[str, str, str], ...]
     kohya_base_model: str  # the LCM-LoRA's ss_base_model_version, as kohya's sd-scripts writes it
+    inpaint_pipeline: str  # diffusers pipeline class of the arch's inpainting variant
+    inpaint_pipeline_config: dict = field(default_factory=dict)  # what it adds to pipeline_config
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,7 @@ SD15 = RandomModelArch(
     scheduler="PNDMScheduler", scheduler_config=SD15_PNDM_SCHEDULER,
     text_encoders=(("text_encoder", "CLIPTextModel", EOS_TOKEN),),
     kohya_base_model="sd_v1",
+    inpaint_pipeline="StableDiffusionInpaintPipeline",  # as stable-diffusion-v1-5/stable-diffusion-inpainting
 )
 SDXL = RandomModelArch(
     pipeline="StableDiffusionXLPipeline",
@@ -135,6 +145,10 @@ SDXL = RandomModelArch(
     text_encoders=(("text_encoder", "CLIPTextModel", EOS_TOKEN),
                    ("text_encoder_2", "CLIPTextModelWithProjection", OPEN_CLIP_PAD_TOKEN)),
     kohya_base_model="sdxl_base_v1-0",
+    # as diffusers/stable-diffusion-xl-1.0-inpainting-0.1's model_index.json: no aesthetic score, so the UNet's
+    # time ids stay base 1.0's six size/crop numbers (with it, the refiner's five)
+    inpaint_pipeline="StableDiffusionXLInpaintPipeline",
+    inpaint_pipeline_config=dict(requires_aesthetics_score=False),
 )
 
 # TAESD as diffusers ships it (madebyollin/taesd): 64 channels, 1.22M decoder params, scaling_factor 1.0
@@ -324,6 +338,14 @@ def get_preset(arch: str, size: str) -> RandomModelPreset:
         raise InputError(f"No random model for arch {arch!r} and size {size!r}; choose one of: {choices}.") from None
 
 
+def inpainting_preset(preset: RandomModelPreset) -> RandomModelPreset:
+    """The preset's inpainting variant: its arch's inpainting pipeline, a UNet taking INPAINT_IN_CHANNELS."""
+    arch = preset.arch
+    arch = replace(arch, pipeline=arch.inpaint_pipeline,
+                   pipeline_config={**arch.pipeline_config, **arch.inpaint_pipeline_config})
+    return replace(preset, arch=arch, unet={**preset.unet, "in_channels": INPAINT_IN_CHANNELS})
+
+
 RANDOM_MODEL_ENTRIES = {"model", "lcm-lora.safetensors", "style-lora.safetensors", "taesd"}
 
 
@@ -337,11 +359,14 @@ def _check_replaceable(out: Path) -> None:
 
 
 def write_random_model(out: Path, arch: str = "sd15", size: str = "tiny", seed: int = 0,
-                       overwrite: bool = False, taesd: bool = False) -> dict[str, Path]:
+                       overwrite: bool = False, taesd: bool = False, inpaint: bool = False) -> dict[str, Path]:
     """Write OUT/model (a diffusers folder), OUT/lcm-lora.safetensors and OUT/style-lora.safetensors; with
-    `taesd`, also OUT/taesd (an AutoencoderTiny folder)."""
+    `taesd`, also OUT/taesd (an AutoencoderTiny folder). With `inpaint`, OUT/model is the inpainting variant
+    (9-channel UNet, the arch's inpaint pipeline); every other file is the same."""
     out = Path(out)
     preset = get_preset(arch, size)
+    if inpaint:
+        preset = inpainting_preset(preset)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise InputError(f"{out} already exists. Pass --overwrite to replace it, or choose another folder.")
@@ -392,13 +417,35 @@ def build_pipeline(preset: RandomModelPreset, seed: int):
         te_configs[name] = config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # one stream, drawn in this order: unet, vae, the text encoders
-        unet = UNet2DConditionModel(**preset.unet)
+        # Drawn with the regular input whatever the preset's, so an inpainting UNet only adds input channels
+        # (as the real inpainting models were made from their base) and every other weight keeps its bytes.
+        unet = UNet2DConditionModel(**{**preset.unet, "in_channels": LATENT_CHANNELS})
         vae = AutoencoderKL(**preset.vae)
         text_encoders = {name: getattr(transformers, cls)(CLIPTextConfig(**te_configs[name])).eval()
                          for name, cls, _ in arch.text_encoders}
+    if preset.unet["in_channels"] != LATENT_CHANNELS:
+        widen_conv_in(unet, preset.unet["in_channels"], seed)
     scheduler = getattr(diffusers, arch.scheduler).from_config(arch.scheduler_config)
     return getattr(diffusers, arch.pipeline)(vae=vae.eval(), unet=unet.eval(), scheduler=scheduler,
                                              **text_encoders, **tokenizers, **arch.pipeline_config)
+
+
+def widen_conv_in(unet, in_channels: int, seed: int) -> None:
+    """Give the UNet's conv_in `in_channels` inputs: the first ones keep their weights, the new ones (an
+    inpainting UNet's mask and masked-image latents) get torch's default init from their own stream.
+
+    The real inpainting models zero-initialized them before training; random ones stay random here so that
+    the mask and the masked image move the output, as they do in a trained model.
+    """
+    old = unet.conv_in  # weight [C, 4, 3, 3]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 5]).generate_state(1)[0]))
+        new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, padding=old.padding)
+    with torch.no_grad():
+        new.weight[:, :old.in_channels] = old.weight  # weight [C, in_channels, 3, 3]
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
 
 
 def build_taesd(preset: RandomModelPreset, seed: int):

@@ -44,13 +44,17 @@ def cli(ctx, debug):
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--taesd", is_flag=True, help="Also a random tiny VAE (AutoencoderTiny) in OUT/taesd, for --vae-decoder.")
-def random_model(out, arch, size, seed, overwrite, taesd):
+@click.option("--inpaint", is_flag=True, help="A 9-channel inpainting UNet (latents, mask, masked-image latents), "
+              "like stable-diffusion-inpainting.")
+def random_model(out, arch, size, seed, overwrite, taesd, inpaint):
     """Write a random-weight model of a real architecture plus LCM and style LoRAs to OUT."""
     from .export.random_model import write_random_model
 
-    paths = write_random_model(out, arch=arch, size=size, seed=seed, overwrite=overwrite, taesd=taesd)
+    paths = write_random_model(out, arch=arch, size=size, seed=seed, overwrite=overwrite, taesd=taesd,
+                               inpaint=inpaint)
     for role, path in paths.items():
-        click.echo(f"{role:>10}: {path}")
+        note = " (inpainting, 9-channel UNet)" if inpaint and role == "model" else ""
+        click.echo(f"{role:>10}: {path}{note}")
 
 
 def _folder_size(folder: Path) -> int:
@@ -101,12 +105,18 @@ def _console(quiet: bool):
 @click.option("--vae-decoder", "vae_decoder", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Decode with this AutoencoderTiny folder (TAESD) instead of the model's VAE: much less "
                    "compute, lower fidelity.")
+@click.option("--tiny-vae", "tiny_vae", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Also this AutoencoderTiny folder's encoder and decoder (TAESD), for fast img2img and streams "
+                   "(tiny_vae=True); the model's VAE stays the default.")
+@click.option("--stream-batch", type=click.IntRange(1, 8), default=None, metavar="N",
+              help="Also a UNet batch of N frames at staggered timesteps, for pipe.stream(): N = the denoising "
+                   "steps a frame takes (4 steps at strength 0.5: 2).")
 @click.option("--workspace", default="2G", show_default=True,
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guidance_mode, out, config, allow_pickle,
           overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, int8,
-          vae_decoder, workspace, quiet):
+          vae_decoder, tiny_vae, stream_batch, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
@@ -122,9 +132,9 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
     engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, fp16=fp16, fp16_vae=fp16_vae, int8=int8,
                             workspace=workspace)
     if engines_only is not None:
-        if model or lcm_lora or out or vae_decoder:
-            raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out "
-                             "and --vae-decoder.")
+        if model or lcm_lora or out or vae_decoder or tiny_vae or stream_batch:
+            raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out, "
+                             "--vae-decoder, --tiny-vae and --stream-batch.")
         folder = engines_only
         # a GPU machine building its engines leaves the folder's CPU graphs as they are
         engines.ort_cpu_graphs = ort_cpu_graphs and backend == "onnxruntime"
@@ -145,7 +155,8 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
             loras=[parse_lora_arg(text, role="style") for text in loras], height=height or 512, width=width or 512,
             sizes=[parse_size(text) for text in sizes], batch=batch,
             guidance_mode=guidance_mode, config=config, allow_pickle=allow_pickle, overwrite=overwrite,
-            refittable=refittable, refittable_lcm=refittable_lcm, vae_decoder=vae_decoder, engines=engines)
+            refittable=refittable, refittable_lcm=refittable_lcm, vae_decoder=vae_decoder, tiny_vae=tiny_vae,
+            stream_batch=stream_batch, engines=engines)
         manifest = build_engine_folder(request, stages, log)
         folder = out
         if console is not None:
@@ -212,18 +223,34 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
               help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
 @click.option("--size", default=None, metavar="WIDTHxHEIGHT",
               help="One of the folder's sizes (`lcmrt info` lists them; default: its first).")
+@click.option("--image", "image", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="img2img: start from this image (resized to the output size with Lanczos if it differs).")
+@click.option("--strength", type=float, default=None,
+              help="With --image: how much of the schedule runs, in (0, 1]  [default: 0.8; 1.0 with --mask]")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Inpainting: repaint the white region of this mask, keep the black one (with --image).")
+@click.option("--mask-blur", type=float, default=0.0, show_default=True, help="Gaussian blur radius of the mask.")
+@click.option("--tiny-vae", is_flag=True, help="Encode and decode with the folder's tiny VAE (build --tiny-vae).")
 @click.option("-o", "--output", "output", default="out.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG path (*.png; missing folders are created); with several images, -0, -1, ... are appended "
                    "to the name.")
 def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images, backend, precision, adapters,
-             size, output):
-    """Generate images for PROMPT with the engine folder FOLDER."""
+             size, image, strength, mask, mask_blur, tiny_vae, output):
+    """Generate images for PROMPT with the engine folder FOLDER (with --image: img2img; with --mask too:
+    inpainting)."""
     from . import __version__
+    from .errors import InputError
+    from .image_inputs import image_size
     from .images import check_png_path, save_png
     from .pipeline import Pipeline, check_request
 
     # every argument is checked before the folder is loaded: a mistake fails at once, not after the load
     check_request(prompt, negative_prompt, steps, guidance, seed, num_images)
+    if image is None and (strength is not None or mask is not None):
+        raise InputError("--strength and --mask edit an image: pass --image PATH as well.")
+    for path in (image, mask):
+        if path is not None:
+            image_size(path)  # readable as an image
     paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
                                                for i in range(num_images)]
     for path in paths:
@@ -234,17 +261,22 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
     options = {"precision": precision} if precision else {}
     pipe = Pipeline.load(folder, backend=backend, adapters=weights, **options)
     load_seconds = time.perf_counter() - load_start
+    edit = {} if image is None else {"image": image, "strength": strength, "mask_image": mask, "mask_blur": mask_blur}
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  seed=seed, num_images=num_images, height=height, width=width)
+                  seed=seed, num_images=num_images, height=height, width=width, tiny_vae=tiny_vae, **edit)
     metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
                 "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
                 "backend": pipe.backend, "lcmrt_version": __version__,
                 "precision": pipe.last_precisions}
+    if image is not None:
+        metadata.update({"image": str(image), "strength": pipe.last_strength, "mask": None if mask is None else str(mask),
+                         "mask_blur": mask_blur})
     for image, path in zip(images, paths):
         save_png(image, path, metadata)
     t = pipe.last_timings
     steps_s = t["unet_steps"]
-    click.echo(f"load {load_seconds:.2f} s | text encoder {t['text_encoder']:.3f} s | "
+    encode = f"VAE encode {t['vae_encode']:.3f} s | " if "vae_encode" in t else ""
+    click.echo(f"load {load_seconds:.2f} s | text encoder {t['text_encoder']:.3f} s | {encode}"
                f"UNet {np.median(steps_s):.3f} s/step x {len(steps_s)} | VAE decode {t['vae_decode']:.3f} s | "
                f"total {t['total']:.2f} s (seed {pipe.last_seed})", err=True)
     for path in paths:
@@ -311,8 +343,9 @@ def info(folder, as_json):
                   + (f" (sha256 {_shown(raw, 'source', 'sha256')[:12]})" if _shown(raw, 'source', 'sha256') != "?" else ""))
     console.print(f"shape: {s.width}x{s.height} px" + (f" (sizes {s.size_names})" if len(s.sizes) > 1 else "")
                   + f", batch {s.batch}, latent {s.latent_channels}x"
-                  f"{s.latent_height}x{s.latent_width}, UNet batches {list(s.unet_batch_sizes)}; "
-                  f"guidance mode {manifest.guidance_mode}")
+                  f"{s.latent_height}x{s.latent_width}, UNet batches {list(s.unet_batch_sizes)}"
+                  + (f" (stream batch {s.stream_batch})" if s.stream_batch else "")
+                  + f"; guidance mode {manifest.guidance_mode}")
     cfg = manifest.scheduler_config
     console.print(f"scheduler: {_shown(raw, 'scheduler', 'class')} ({_shown(cfg, 'beta_schedule')} "
                   f"{_shown(cfg, 'beta_start')}..{_shown(cfg, 'beta_end')}, {_shown(cfg, 'prediction_type')}, "

@@ -39,6 +39,11 @@ class Family:
         return (*self.text_encoders, "unet", "vae_decoder")
 
 
+# Components a generation loads on first use: the VAE encoder (img2img, inpainting) and the tiny VAE's encoder
+# and decoder that `lcmrt build --tiny-vae` adds (fast encode and decode, e.g. for streams).
+ON_DEMAND_COMPONENTS = ("vae_encoder", "tiny_vae_encoder", "tiny_vae_decoder")
+
+
 def tokenizer_key(text_encoder: str) -> str:
     """The tokenizer of a text encoder component, as diffusers names them (text_encoder_2 -> tokenizer_2)."""
     return text_encoder.replace("text_encoder", "tokenizer", 1)

@@ -46,8 +46,9 @@ VERIFIED_CACHE = Path(os.environ.get("LCMRT_CACHE_DIR", Path.home() / ".cache" /
 SHAPE_LIMITS = {"batch": 64, "height": 8192, "width": 8192, "latent_channels": 64, "latent_height": 1024,
                 "latent_width": 1024, "text_length": 1024}
 LATENT_SCALE = 8
-# Bump when a reader of the previous format would misread a new folder.
-FORMAT_VERSION = 1
+# Bump when a reader of the previous format would misread a new folder. 2: the UNet's timestep is per sample
+# ([unet_batch], was [1]), and shapes may name a stream batch.
+FORMAT_VERSION = 2
 _HASH_CHUNK = 16 << 20
 REBUILD = "Rebuild the folder with `lcmrt build`."
 REFIT_FIX = ("Rebuild the folder with `lcmrt build ... --refittable`, or re-add the adapter with "
@@ -376,11 +377,15 @@ class Shapes:
     text_length: int
     unet_batch_sizes: tuple[int, ...]
     sizes: tuple[tuple[int, int], ...]  # (height, width) of every size the folder serves
+    stream_batch: int | None = None  # samples of a stream's staggered UNet call (`lcmrt build --stream-batch`)
 
     @classmethod
     def parse(cls, d) -> "Shapes":
         ints = {f.name: _field(d, f.name, int, "shapes") for f in fields(cls)
-                if f.name not in ("unet_batch_sizes", "sizes")}
+                if f.name not in ("unet_batch_sizes", "sizes", "stream_batch")}
+        stream = _field(d, "stream_batch", int, "shapes", None)
+        if stream is not None and not 1 <= stream <= SHAPE_LIMITS["batch"]:
+            raise _error("shapes.stream_batch", f"is {stream}, outside 1..{SHAPE_LIMITS['batch']}", REBUILD)
         unet = _list_of(d, "unet_batch_sizes", int, "shapes")
         for name, value in (*ints.items(), *((f"unet_batch_sizes[{i}]", n) for i, n in enumerate(unet))):
             top = SHAPE_LIMITS.get(name, SHAPE_LIMITS["batch"] * 2 if name.startswith("unet") else None)
@@ -392,13 +397,16 @@ class Shapes:
         if not 1 <= len(sizes) <= MAX_SIZES or sizes[0] != default or len(set(sizes)) != len(sizes):
             raise _error("shapes.sizes", f"is {[list(s) for s in sizes][:MAX_SIZES + 1]}; expected 1 to {MAX_SIZES} "
                                          f"different [height, width] pairs, the first {list(default)}", REBUILD)
-        shapes = cls(**ints, unet_batch_sizes=unet, sizes=sizes)
+        shapes = cls(**ints, unet_batch_sizes=unet, sizes=sizes, stream_batch=stream)
         if (shapes.latent_height * LATENT_SCALE, shapes.latent_width * LATENT_SCALE) != (shapes.height, shapes.width):
             raise _error("shapes", f"has latents {shapes.latent_height}x{shapes.latent_width} for a "
                                    f"{shapes.height}x{shapes.width} image (the VAE scales by {LATENT_SCALE})", REBUILD)
-        if not unet or not set(unet) <= {shapes.batch, 2 * shapes.batch}:
+        batches = {shapes.batch, stream or shapes.batch}
+        if not unet or not set(unet) <= {k * b for b in batches for k in (1, 2)}:
             raise _error("shapes.unet_batch_sizes", f"is {list(unet)}; a batch of {shapes.batch} runs the UNet at "
-                                                    f"{shapes.batch} and, with guidance, {2 * shapes.batch}", REBUILD)
+                                                    f"{shapes.batch} and, with guidance, {2 * shapes.batch}"
+                                                    + (f" (a stream batch of {stream}: {stream} and {2 * stream})"
+                                                       if stream else ""), REBUILD)
         return shapes
 
     def at(self, height: int, width: int) -> "Shapes":

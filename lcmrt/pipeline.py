@@ -4,6 +4,12 @@ Reads top to bottom like diffusers' StableDiffusionPipeline (StableDiffusionXLPi
 families) + LCMScheduler (LCM-LoRA, arXiv 2311.05556): tokenize and encode the prompt, draw latents, run the
 LCM sampler loop over the UNet (with classic classifier-free guidance when guidance_scale > 1), decode with
 the VAE. What differs between families is how the prompt conditions the UNet (`lcmrt.families`).
+
+With an `image` it is diffusers' img2img pipeline (StableDiffusionImg2ImgPipeline, the SDXL one): the image
+is encoded, noised to the first timestep `strength` keeps, and denoised from there. With a `mask_image` too
+it is the inpaint pipeline: a regular UNet's known region is re-noised to each next timestep and blended back
+after every step; an inpainting UNet (9 input channels) takes the mask and the masked image's latents as
+inputs instead.
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ from .backends import get_backend
 from .errors import AdapterError, EngineFolderError, GenerationError, InputError
 from .families import TEXT_EMBEDS, TIME_IDS
 from .guidance import TIMESTEP_COND, guidance_embedding
+from .image_inputs import image_size, load_image, load_mask, mask_to_latent_size, masked_image
 from .images import to_pil
-from .manifest import Manifest, read_manifest
-from .sampler import LCMSampler
+from .manifest import REBUILD, Manifest, read_manifest
+from .sampler import LCMSampler, img2img_start
 from .tokenizer import PromptTokenizer
 
 MAX_STEPS = 50  # LCM's original_inference_steps for SD1.5; more steps than that are not an LCM schedule
@@ -35,6 +42,8 @@ MAX_NUM_IMAGES = 64
 OUTPUTS = ("pil", "np", "latent")
 PROMPT_CACHE_SIZE = 32  # real-time loops repeat a handful of prompts
 _FP32_VAE = "vae_decoder_fp32"  # the session an overflowing fp16 VAE decoder falls back to, loaded on demand
+# diffusers' default strengths: img2img 0.8 (StableDiffusionImg2ImgPipeline), inpainting 1.0
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 
 
 class _SharedLock:
@@ -84,14 +93,17 @@ class Pipeline:
     `last_seed`, `last_timings` and `last_precisions` are those of the calling thread's last call."""
 
     def __init__(self, folder: Path, manifest: Manifest, sessions: dict, tokenizers: dict[str, PromptTokenizer],
-                 backend_name: str, bank: AdapterBank, active: dict[str, float]):
+                 engine, bank: AdapterBank, active: dict[str, float]):
         self.folder = folder
         self.manifest = manifest
         self.family = manifest.family_info
         self.sessions = sessions
         self.tokenizers = tokenizers  # text encoder component -> its tokenizer
         self.tokenizer = tokenizers["text_encoder"]
-        self.backend = backend_name
+        self.backend = engine.name
+        self._engine = engine  # loads the components a call needs on first use (`_component`)
+        self._load_lock = threading.Lock()
+        self._component_names = set(manifest.components)
         self._bank = bank
         self._active = active  # refittable adapters -> weight (0 = inactive)
         self.shapes = manifest.shapes
@@ -104,6 +116,10 @@ class Pipeline:
         self._text_encoder_set = _set_key(active)  # the set in effect when the text encoders' weights last changed
         self._zeros_for_empty_negative = manifest.force_zeros_for_empty_prompt
         unet_inputs = {t.name: t for t in manifest.component("unet").inputs}
+        # 9 for an inpainting UNet: latents, mask, masked-image latents
+        self.unet_in_channels = unet_inputs["sample"].shape[1]
+        # [unet_batch] since format 2, so one call can run samples at different timesteps (streams); [1] before
+        self.per_sample_timesteps = tuple(unet_inputs["timestep"].shape) != (1,)
         self._guidance_dim = unet_inputs[TIMESTEP_COND].shape[-1] if TIMESTEP_COND in unet_inputs else None
         if self._guidance_dim is not None and not (isinstance(self._guidance_dim, int) and 2 <= self._guidance_dim <= 4096):
             raise EngineFolderError(f"manifest.json: the UNet's {TIMESTEP_COND} input has the width "
@@ -115,8 +131,14 @@ class Pipeline:
         return getattr(self._thread, "seed", None)
 
     @property
+    def last_strength(self) -> float | None:
+        """The strength of this thread's last call, its default filled in (None for text-to-image)."""
+        return getattr(self._thread, "strength", None)
+
+    @property
     def last_timings(self) -> dict:
-        """Seconds per stage of this thread's last call: text_encoder, unet_steps (a list), vae_decode, total."""
+        """Seconds per stage of this thread's last call: text_encoder, vae_encode (edits), unet_steps (a list),
+        vae_decode, total."""
         return getattr(self._thread, "timings", {})
 
     @property
@@ -152,7 +174,7 @@ class Pipeline:
                                     f"Add them with `lcmrt build --engines-only {folder} {flag}`, or load it without "
                                     "precision.")
         tokenizers = {encoder: PromptTokenizer.from_folder(folder, info) for encoder, info in manifest.tokenizers.items()}
-        return cls(folder, manifest, sessions, tokenizers, engine.name, bank, active)
+        return cls(folder, manifest, sessions, tokenizers, engine, bank, active)
 
     @property
     def adapters(self) -> dict[str, float]:
@@ -201,6 +223,11 @@ class Pipeline:
     def guidance_embedded(self) -> bool:
         """The UNet is a distilled LCM model's: guidance_scale is its input (`lcmrt.guidance`), no second batch."""
         return self._guidance_dim is not None
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """The UNet takes a mask and the masked image's latents beside the latents (9 input channels)."""
+        return self.unet_in_channels != self.shapes.latent_channels
 
     def encode_prompt(self, prompt: str) -> dict[str, np.ndarray]:
         """The prompt's UNet conditioning with the adapters in effect, cached per prompt and adapter set (LRU):
@@ -253,14 +280,33 @@ class Pipeline:
                  guidance_scale: float = 1.0, seed: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, step_noise: list | None = None, output: str = "pil",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None, height: int | None = None, width: int | None = None):
-        """Images for `prompt`, `height` x `width` pixels: one of the folder's sizes (default: its first). The SDXL
-        families also take diffusers' size conditioning: `original_size` and `target_size` ((height, width),
-        default the image's size) and `crops_coords_top_left` ((top, left))."""
+                 target_size: tuple[int, int] | None = None, height: int | None = None, width: int | None = None,
+                 image=None, strength: float | None = None, mask_image=None, mask_blur: float = 0.0,
+                 image_noise: np.ndarray | None = None, masked_image_noise: np.ndarray | None = None,
+                 tiny_vae: bool = False):
+        """Images for `prompt`, `height` x `width` pixels: one of the folder's sizes (default: the input image's
+        size where the folder serves it, else the folder's first size). The SDXL families also take diffusers'
+        size conditioning: `original_size` and `target_size` ((height, width), default the image's size) and
+        `crops_coords_top_left` ((top, left)).
+
+        Editing, as diffusers' img2img and inpaint pipelines do it with LCMScheduler:
+        - img2img: `image` (a PIL image, a path, or an [H, W, 3] array of uint8 or floats in [0, 1]) and
+          `strength` in (0, 1] (default 0.8): the last int(num_inference_steps * strength) steps run, starting
+          from the encoded image noised to the first of them. A PIL or file image of another size is resized to
+          the output size with Lanczos (diffusers' VaeImageProcessor), never cropped.
+        - inpainting: `mask_image` too (white = repaint, black = keep; binarized at 0.5 after `mask_blur`, which
+          is diffusers' `mask_processor.blur`); default strength 1.0, which starts from pure noise.
+        - `tiny_vae=True` encodes and decodes with the folder's tiny VAE (`lcmrt build --tiny-vae`).
+
+        Randomness: `seed` draws, in diffusers' order, `image_noise` (the VAE encoder's `latent_dist.sample`),
+        `latents` (the start noise; for an edit, the noise added to the image latents), `masked_image_noise`
+        (an inpainting UNet's masked-image encoding) and `step_noise` (one per step but the last): pass any of
+        them, [num_images, 4, H/8, W/8] float32, to reproduce another implementation's draws exactly."""
         # every argument is checked before any component runs
         steps, guidance_scale, seed, num_images = check_request(prompt, negative_prompt, num_inference_steps,
                                                                 guidance_scale, seed, num_images, output)
-        shapes = self.shapes_at(height, width)
+        mode = self._mode(image is not None, mask_image is not None, mask_blur, tiny_vae)
+        shapes = self.shapes_at(*self._output_size(image, height, width))
         time_ids = self._time_ids(original_size, crops_coords_top_left, target_size, (shapes.height, shapes.width))
         if guidance_scale > 1 and not self.supports_guidance:
             raise GenerationError(
@@ -272,47 +318,169 @@ class Pipeline:
         cfg_scale = 1.0 if self.guidance_embedded else guidance_scale  # > 1: classifier-free guidance
         sampler = LCMSampler.from_config(self.scheduler_config)
         sampler.set_timesteps(steps)
+        if mode == "txt2img" and strength is not None:
+            raise InputError(f"strength={strength!r} sets how much of an input image an edit keeps: pass image= "
+                             "(and mask_image= to inpaint), or leave strength out.")
+        if mode != "txt2img":
+            strength = DEFAULT_STRENGTH[mode] if strength is None else strength
+            sampler.begin_at(img2img_start(steps, strength))
+            pixels = load_image(image, shapes.height, shapes.width)  # [1, 3, H, W] in [-1, 1]
+            mask = load_mask(mask_image, shapes.height, shapes.width, mask_blur) if mode == "inpaint" else None
         shape = (num_images, shapes.latent_channels, shapes.latent_height, shapes.latent_width)
-        if latents is not None:
-            latents = _checked_array("latents", latents, shape)
+        given = {"image_noise": image_noise, "latents": latents, "masked_image_noise": masked_image_noise}
+        drawn = self._draws(mode, strength, tiny_vae)
+        for name, value in given.items():
+            if value is not None and name not in drawn:
+                raise InputError(f"{name} is not used by this call ({mode}"
+                                 + (", tiny VAE" if tiny_vae else "") + f"); it uses {', '.join(drawn)}. Leave it out.")
+        given = {name: _checked_array(name, value, shape) for name, value in given.items() if value is not None}
         if step_noise is not None:
             if not isinstance(step_noise, (list, tuple)):
                 raise InputError(f"step_noise must be a list of arrays (one per step but the last), got "
                                  f"{type(step_noise).__name__}.")
-            if len(step_noise) != len(sampler.timesteps) - 1:
-                raise GenerationError(f"step_noise has {len(step_noise)} arrays; {steps} steps need {steps - 1} "
-                                      "(one per step but the last).")
+            runs = len(sampler.timesteps)
+            if len(step_noise) != runs - 1:
+                raise GenerationError(f"step_noise has {len(step_noise)} arrays; {runs} steps need {runs - 1} "
+                                      "(one per step but the last)" + (f": {steps} steps at strength {strength:g} run "
+                                                                       f"{runs}." if mode != "txt2img" else "."))
             step_noise = [_checked_array(f"step_noise[{i}]", a, shape) for i, a in enumerate(step_noise)]
         seed = secrets.randbits(32) if seed is None else seed
-        self._thread.seed = seed
+        self._thread.seed, self._thread.strength = seed, strength
         rng = np.random.default_rng(seed)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
+        noise = {name: given[name] if name in given else rng.standard_normal(shape, dtype=np.float32)
+                 for name in drawn}  # in diffusers' order
         if step_noise is None:
             step_noise = [rng.standard_normal(shape, dtype=np.float32) for _ in sampler.timesteps[:-1]]
 
         timings = {"text_encoder": 0.0, "unet_steps": [], "vae_decode": 0.0}
-        ran = {name: self.sessions[name].precision for name in self.family.components
-               if output != "latent" or name != "vae_decoder"}
+        decoder = "tiny_vae_decoder" if tiny_vae else "vae_decoder"
+        ran = {name: self.sessions[name].precision for name in (*self.family.text_encoders, "unet")}
         start = time.perf_counter()
         with self._lock.shared():  # one adapter set for the whole generation
-            conditioning = self._conditioning(prompt, negative_prompt, cfg_scale > 1, time_ids)
+            conditioning = self._conditioning(prompt, negative_prompt, cfg_scale > 1, time_ids, self.shapes.batch)
             if self.guidance_embedded:
                 conditioning[TIMESTEP_COND] = guidance_embedding(guidance_scale, self._guidance_dim, self.shapes.batch)
             timings["text_encoder"] = time.perf_counter() - start
+            x, inpaint = noise["latents"], None
+            if mode != "txt2img":
+                x, inpaint = self._edit_latents(mode, strength, sampler, pixels, mask, noise, tiny_vae, timings, ran)
             # the folder's static batch: run num_images in chunks of it (the last chunk padded)
             n = self.shapes.batch
             images = []
             for chunk in (slice(i, i + n) for i in range(0, num_images, n)):
-                x = _pad(latents[chunk], n)
-                noise = [_pad(a[chunk], n) for a in step_noise]
-                x = self._denoise(sampler, x, noise, conditioning, cfg_scale, timings)
-                images.append(x if output == "latent" else self._decode(x, timings, ran))
+                chunk_noise = [_pad(a[chunk], n) for a in step_noise]
+                chunk_inpaint = None if inpaint is None else inpaint.rows(chunk, n)
+                latent = self._denoise(sampler, _pad(x[chunk], n), chunk_noise, conditioning, cfg_scale, timings,
+                                       chunk_inpaint)
+                images.append(latent if output == "latent" else self._decode(latent, timings, ran, decoder))
         result = np.concatenate(images)[:num_images]
         timings["total"] = time.perf_counter() - start
         self._thread.timings = timings
         self._thread.precisions = ran
         return to_pil(result) if output == "pil" else result
+
+    def stream(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 4,
+               strength: float = 0.5, guidance_scale: float = 1.0, seed: int = 0, tiny_vae: bool = False,
+               skip_threshold: float | None = None, height: int | None = None, width: int | None = None,
+               output: str = "pil"):
+        """A real-time img2img stream of frames (`lcmrt.stream.Stream`): each output frame is this call's
+        img2img image of its input frame with the same arguments, while one UNet call per frame advances every
+        frame in flight. Needs a folder built with `--stream-batch int(num_inference_steps * strength)`."""
+        from .stream import Stream
+
+        return Stream(self, prompt, negative_prompt, num_inference_steps, strength, guidance_scale, seed, tiny_vae,
+                      skip_threshold, height, width, output)
+
+    def _mode(self, has_image: bool, has_mask: bool, mask_blur, tiny_vae) -> str:
+        """"txt2img", "img2img" or "inpaint", after checking that the image arguments fit together and the folder."""
+        if not isinstance(tiny_vae, (bool, np.bool_)):
+            raise InputError(f"tiny_vae must be True or False, got {tiny_vae!r}.")
+        if tiny_vae and "tiny_vae_decoder" not in self._component_names:
+            raise InputError(f"{self.folder} has no tiny VAE. Rebuild it with `lcmrt build ... --tiny-vae TAESD_FOLDER` "
+                             "(an AutoencoderTiny, e.g. madebyollin/taesd), or leave tiny_vae out.")
+        if has_mask and not has_image:
+            raise InputError("mask_image marks what to repaint in an image: pass image= as well.")
+        if not has_mask and _finite_number(mask_blur) != 0:
+            raise InputError(f"mask_blur={mask_blur!r} blurs the mask of an inpainting call: pass mask_image=, or "
+                             "leave mask_blur out.")
+        if self.inpainting_unet and not has_mask:
+            raise InputError(f"{self.folder} holds an inpainting UNet ({self.unet_in_channels} input channels: latents, "
+                             "mask, masked-image latents): pass image= and mask_image=.")
+        if has_image and "vae_encoder" not in self._component_names and not tiny_vae:
+            raise EngineFolderError(f"{self.folder} has no VAE encoder graph for image input. {REBUILD}")
+        return "txt2img" if not has_image else "img2img" if not has_mask else "inpaint"
+
+    def _output_size(self, image, height, width) -> tuple[int | None, int | None]:
+        """The size asked for; with neither given, an input image's size where the folder serves it."""
+        if image is not None and height is None and width is None:
+            size = image_size(image)
+            if size in self.shapes.sizes:
+                return size
+        return height, width
+
+    def _draws(self, mode: str, strength: float | None, tiny_vae: bool) -> tuple[str, ...]:
+        """The standard-normal arrays a call draws before its step noise, in diffusers' order: the VAE encoder's
+        sample of the image (where its latents are used), the start noise, the masked image's (inpainting UNet)."""
+        if mode == "txt2img":
+            return ("latents",)
+        sampled = ("image_noise",) if self._encodes_image(mode, strength) and not tiny_vae else ()
+        masked = ("masked_image_noise",) if mode == "inpaint" and self.inpainting_unet and not tiny_vae else ()
+        return (*sampled, "latents", *masked)
+
+    def _encodes_image(self, mode: str, strength: float) -> bool:
+        """Does an edit use the image's latents? img2img starts from them and a regular UNet inpaints by blending
+        them back; an inpainting UNet at strength 1 starts from pure noise and sees only the masked image."""
+        return mode == "img2img" or not self.inpainting_unet or strength < 1
+
+    def _edit_latents(self, mode, strength, sampler, pixels, mask, noise, tiny_vae, timings, ran):
+        """The start latents of an edit, and for inpainting what each step needs (`_Inpaint`)."""
+        start = time.perf_counter()
+        count = len(noise["latents"])
+        image_latents = None
+        if self._encodes_image(mode, strength):
+            image_latents = self._encode_image(pixels, noise.get("image_noise"), count, tiny_vae, ran)
+        # diffusers' inpaint pipelines start from pure noise at strength 1, img2img always from the image
+        if mode == "inpaint" and strength == 1.0:
+            x = noise["latents"]
+        else:
+            x = sampler.add_noise(image_latents, noise["latents"], int(sampler.timesteps[0]))
+        inpaint = None
+        if mode == "inpaint":
+            latent_mask = mask_to_latent_size(mask, *x.shape[2:])  # [1, 1, H/8, W/8]
+            if not self.inpainting_unet:
+                inpaint = _Inpaint(mask=latent_mask, image_latents=image_latents, noise=noise["latents"])
+            else:
+                masked = self._encode_image(masked_image(pixels, mask), noise.get("masked_image_noise"), count,
+                                            tiny_vae, ran)
+                channels = np.concatenate([np.repeat(latent_mask, count, axis=0), masked], axis=1)
+                inpaint = _Inpaint(unet_channels=channels)
+        timings["vae_encode"] = time.perf_counter() - start
+        return x, inpaint
+
+    def _encode_image(self, pixels, sample_noise, count: int, tiny_vae: bool, ran) -> np.ndarray:
+        """`count` rows of scaled latents of `pixels` ([1, 3, H, W]): diffusers' `retrieve_latents(vae.encode(
+        image), generator) * scaling_factor`, i.e. (mean + std * sample_noise) * scaling_factor for the VAE, or
+        the tiny VAE encoder's (deterministic) latents."""
+        name = "tiny_vae_encoder" if tiny_vae else "vae_encoder"
+        session = self._component(name)
+        out = session.run({"image": np.repeat(pixels, self.shapes.batch, axis=0)})
+        ran[name] = session.precision
+        if not all(np.isfinite(a).all() for a in out.values()):
+            raise _non_finite(name.replace("_", " ").replace("vae", "VAE"), session, "for the input image")
+        if tiny_vae:
+            return np.repeat(out["latents"][:1], count, axis=0)
+        mean, std = out["latent_mean"][:1], out["latent_std"][:1]
+        return (mean + std * sample_noise) * np.float32(self.manifest.vae_scaling_factor)
+
+    def _component(self, name: str):
+        """The session of `name`, loaded on first use: the VAE encoder and the tiny VAE."""
+        session = self.sessions.get(name)
+        if session is None:
+            with self._load_lock:
+                session = self.sessions.get(name)
+                if session is None:
+                    session = self.sessions[name] = self._engine.load(self.folder, self.manifest, name)
+        return session
 
     def _time_ids(self, original_size, crops_coords_top_left, target_size, size) -> np.ndarray | None:
         """SDXL's micro-conditioning as diffusers builds it: original_size + crops_coords_top_left + target_size,
@@ -331,10 +499,9 @@ class Pipeline:
             values += [int(v) for v in pair]
         return np.array([values], dtype=np.float32)
 
-    def _conditioning(self, prompt, negative_prompt, guided: bool, time_ids) -> dict[str, np.ndarray]:
-        """The UNet's conditioning inputs for one static batch of N: encoder_hidden_states [N, 77, D] (and for
-        the SDXL families text_embeds [N, P], time_ids [N, 6]), or 2N rows as (negative, prompt) halves."""
-        n = self.shapes.batch
+    def _conditioning(self, prompt, negative_prompt, guided: bool, time_ids, n: int) -> dict[str, np.ndarray]:
+        """The UNet's conditioning inputs for a UNet batch of `n` samples: encoder_hidden_states [n, 77, D] (and
+        for the SDXL families text_embeds [n, P], time_ids [n, 6]), or 2n rows as (negative, prompt) halves."""
         cond = dict(self._encode(prompt))
         if time_ids is not None:
             cond[TIME_IDS] = time_ids
@@ -349,41 +516,60 @@ class Pipeline:
             uncond[TIME_IDS] = time_ids
         return {k: np.concatenate([np.repeat(uncond[k], n, axis=0), np.repeat(v, n, axis=0)]) for k, v in cond.items()}
 
-    def _denoise(self, sampler, x, step_noise, conditioning, guidance_scale, timings) -> np.ndarray:
+    def _predict(self, x, timesteps, conditioning, guidance_scale, where: str, unet_channels=None) -> np.ndarray:
+        """The UNet's guided prediction for latents `x` [B, 4, H/8, W/8] at `timesteps` (one per sample; equal
+        unless the folder's UNet takes them per sample); `unet_channels`: an inpainting UNet's mask and
+        masked-image latents [B, 5, H/8, W/8], appended to the sample's channels."""
         unet = self.sessions["unet"]
-        device_loop = unet.denoise_loop(x.shape)
+        guided = guidance_scale > 1
+        sample = np.concatenate([x, x]) if guided else x  # sample: [B or 2B, C, H/8, W/8]
+        if unet_channels is not None:
+            sample = np.concatenate([sample, np.concatenate([unet_channels] * 2) if guided else unet_channels], axis=1)
+        timesteps = np.asarray(timesteps, dtype=np.float32)
+        timestep = np.concatenate([timesteps, timesteps]) if guided else timesteps
+        if not self.per_sample_timesteps:  # a format-1 folder: one timestep for the batch
+            timestep = timestep[:1]
+        pred = unet.run({"sample": sample, "timestep": timestep, **conditioning})["noise_pred"]
+        if not np.isfinite(pred).all():
+            raise _non_finite("UNet", unet, where)
+        if guided:
+            uncond, cond = np.split(pred, 2)
+            pred = uncond + np.float32(guidance_scale) * (cond - uncond)
+        return pred
+
+    def _denoise(self, sampler, x, step_noise, conditioning, guidance_scale, timings, inpaint=None) -> np.ndarray:
+        unet = self.sessions["unet"]
+        device_loop = unet.denoise_loop(x.shape) if inpaint is None else None
         if device_loop is not None:  # e.g. TensorRT: the whole step as one CUDA-graph launch
             x = device_loop(sampler, x, step_noise, conditioning, guidance_scale, timings)
             if not np.isfinite(x).all():  # the device loop returns only the final latents
                 raise _non_finite("UNet", unet, f"in its denoising loop ({len(sampler.timesteps)} steps)")
             return x
-        guided = guidance_scale > 1
         steps = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             step_start = time.perf_counter()
-            sample = np.concatenate([x, x]) if guided else x  # sample: [B, 4, H/8, W/8]
-            pred = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
-                             **conditioning})["noise_pred"]
-            if not np.isfinite(pred).all():
-                raise _non_finite("UNet", unet, f"at step {i + 1} of {steps} (timestep {t})")
-            if guided:
-                uncond, cond = np.split(pred, 2)
-                pred = uncond + np.float32(guidance_scale) * (cond - uncond)
+            pred = self._predict(x, np.full(len(x), t), conditioning, guidance_scale,
+                                 f"at step {i + 1} of {steps} (timestep {t})",
+                                 None if inpaint is None else inpaint.unet_channels)
             noise = step_noise[i] if i < len(step_noise) else None
             x = sampler.step(pred, t, x, noise=noise)
+            if inpaint is not None and inpaint.image_latents is not None:
+                x = inpaint.blend(x, sampler, i)
             timings["unet_steps"].append(time.perf_counter() - step_start)
         if not np.isfinite(x).all():  # finite predictions, yet guidance or the sampler overflowed float32
             raise GenerationError(f"The latents overflowed float32 (NaN/inf) after {steps} steps at guidance_scale="
                                   f"{guidance_scale:g}; use a guidance_scale in the usual 1-2 range.")
         return x
 
-    def _decode(self, latents, timings, ran: dict[str, str]) -> np.ndarray:
+    def _decode(self, latents, timings, ran: dict[str, str], decoder: str = "vae_decoder") -> np.ndarray:
         start = time.perf_counter()
-        vae = self.sessions["vae_decoder"]
+        vae = self._component(decoder)
+        ran[decoder] = vae.precision
         image = vae.run({"latents": latents})["image"]  # [N, 3, H, W] in ~[-1, 1]
         if not np.isfinite(image).all():
-            if vae.precision == "fp32":
-                raise _non_finite("VAE decoder", vae, "for finite latents")
+            if vae.precision == "fp32" or decoder != "vae_decoder":
+                raise _non_finite("VAE decoder" if decoder == "vae_decoder" else "tiny VAE decoder", vae,
+                                  "for finite latents")
             warnings.warn(f"The {vae.precision} VAE decoder overflowed (NaN/inf in the image); decoding again with "
                           "the fp32 VAE decoder on the CPU. Rebuild without --fp16-vae to avoid this.", stacklevel=3)
             fallback = self._fp32_vae()
@@ -400,6 +586,28 @@ class Pipeline:
             loaded = get_backend("onnxruntime-cpu").load(self.folder, self.manifest, "vae_decoder")
             session = self.sessions.setdefault(_FP32_VAE, loaded)  # two threads may both load: keep one
         return session
+
+
+class _Inpaint:
+    """What each denoising step of an inpainting call needs. An inpainting UNet: its extra input channels (the
+    latent-size mask and the masked image's latents). A regular UNet: the mask, the image latents and the start
+    noise, to put the known region back after every step, noised to the next timestep (none after the last)."""
+
+    def __init__(self, unet_channels=None, mask=None, image_latents=None, noise=None):
+        self.unet_channels, self.mask, self.image_latents, self.noise = unet_channels, mask, image_latents, noise
+
+    def rows(self, chunk: slice, n: int) -> "_Inpaint":
+        """The arrays of the images in `chunk`, padded to the folder's batch `n`."""
+        def part(a):
+            return None if a is None else _pad(a[chunk], n)
+        return _Inpaint(part(self.unet_channels), self.mask, part(self.image_latents), part(self.noise))
+
+    def blend(self, x: np.ndarray, sampler, step: int) -> np.ndarray:
+        """diffusers' inpaint step: (1 - mask) * known + mask * x, the known region at the next timestep."""
+        final = step == len(sampler.timesteps) - 1
+        known = self.image_latents if final else sampler.add_noise(self.image_latents, self.noise,
+                                                                   int(sampler.timesteps[step + 1]))
+        return (1 - self.mask) * known + self.mask * x
 
 
 def _pad(batch: np.ndarray, n: int) -> np.ndarray:

@@ -312,6 +312,17 @@ class LCMSampler:
             )
         return values[start:]
 
+    def begin_at(self, step_index: int) -> None:
+        """Drop the first `step_index` timesteps (diffusers' `set_begin_index`): img2img and inpainting start
+        part-way down the schedule (`img2img_start`). Each kept step keeps its scalars, the last one final."""
+        if not self._coefficients:
+            raise GenerationError("Call set_timesteps() before begin_at().")
+        if not _is_int(step_index) or not 0 <= step_index < len(self._coefficients):
+            raise GenerationError(f"begin_at({step_index!r}) must keep at least one of the "
+                                  f"{len(self._coefficients)} timesteps.")
+        self.timesteps = self.timesteps[step_index:]
+        self._coefficients = self._coefficients[step_index:]
+
     # ---- stepping --------------------------------------------------------------------------------------
 
     def _compute_coefficients(self, step_index: int) -> StepCoefficients:
@@ -405,6 +416,23 @@ class LCMSampler:
         sqrt_alpha = xp.asarray(sqrt_alpha.reshape(per_sample))
         sqrt_beta = xp.asarray(sqrt_beta.reshape(per_sample))
         return sqrt_alpha * original_samples + sqrt_beta * noise
+
+
+def img2img_start(num_inference_steps: int, strength: float) -> int:
+    """The first of `num_inference_steps` timesteps an image edit at `strength` runs, as diffusers' img2img and
+    inpaint pipelines choose it (`get_timesteps`): the last int(num_inference_steps * strength) steps, so the
+    image is noised to the level of the first of them. A GenerationError where none is left."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)) \
+            or not 0 < strength <= 1:
+        raise GenerationError(f"strength={strength!r} must be a number in (0, 1]: the share of the schedule an image "
+                              "edit runs (0.3 keeps the image close, 1.0 starts from noise).")
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    if kept < 1:
+        least = math.ceil(1 / strength - 1e-9)
+        raise GenerationError(f"strength={strength:g} with num_inference_steps={num_inference_steps} runs "
+                              f"int({num_inference_steps} * {strength:g}) = 0 steps: raise num_inference_steps to at "
+                              f"least {least}, or strength to at least {math.ceil(1e4 / num_inference_steps) / 1e4:g}.")
+    return num_inference_steps - kept
 
 
 # ---- noise schedule (float32, rounded like diffusers' torch code on the CPU) -------------------------------

@@ -82,3 +82,68 @@ def assert_swaps_match(pipe, reference, weights, atol, **call):
         np.testing.assert_allclose(got, reference(**call), atol=atol, rtol=0)
         assert np.abs(got - first).max() > 1e-3
     return first
+
+
+# --- image edits (img2img, inpainting) against diffusers ----------------------------------------------------
+
+def edit_image(width=TINY_WIDTH, height=TINY_HEIGHT, seed=0):
+    """A smooth color gradient with some texture: an image whose latents are not noise."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([x, y, 1 - (x + y) / 2], axis=-1) + 0.1 * rng.standard_normal((height, width, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def edit_mask(width=TINY_WIDTH, height=TINY_HEIGHT):
+    """White (repaint) disc in the middle, black (keep) around it."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    inside = (x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2
+    return Image.fromarray((inside * 255).astype(np.uint8), mode="L")
+
+
+def edit_draws(count: int, seed: int, num_images: int = 1, latent=(4, TINY_HEIGHT // 8, TINY_WIDTH // 8)) -> list:
+    """`count` seeded standard-normal latent arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((num_images, *latent), dtype=np.float32) for _ in range(count)]
+
+
+def diffusers_edit(reference, monkeypatch, arrays: list, **call):
+    """diffusers' image with every standard-normal draw (VAE sample, noise, step noise) taken from `arrays`."""
+    import importlib
+
+    import torch
+
+    modules = [importlib.import_module(f"diffusers.{name}") for name in (
+        "models.autoencoders.vae", "schedulers.scheduling_lcm",
+        "pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+        "pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+        "pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+        "pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint")]
+
+    queue = iter(arrays)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
+        value = next(queue)
+        assert tuple(shape) == value.shape, (shape, value.shape)
+        return torch.from_numpy(value.copy()).to(dtype=dtype)
+
+    for module in modules:
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    with torch.no_grad():
+        image = reference(output_type="np", **call).images
+    monkeypatch.undo()
+    assert next(queue, None) is None, "diffusers drew fewer arrays than given"
+    return image
+
+
+def lcmrt_arrays(names: tuple[str, ...], arrays: list) -> dict:
+    """The same arrays as lcmrt's keyword arguments: the named draws, then the step noise."""
+    return {**dict(zip(names, arrays)), "step_noise": arrays[len(names):]}

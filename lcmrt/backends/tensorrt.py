@@ -460,7 +460,8 @@ class CudaGraphDenoiser:
         cp, unet, stream = self.cp, self.unet, self.unet.stream
         guided = guidance_scale > 1
         b = 2 * self.n if guided else self.n
-        unet.set_shapes({name: (b, *self.shape[1:]) if name == "sample" else conditioning[name].shape
+        step_inputs = {"sample": (b, *self.shape[1:]), "timestep": (b,)}
+        unet.set_shapes({name: step_inputs[name] if name in step_inputs else conditioning[name].shape
                          for name in unet.profiles[0]})
         steps = len(sampler.timesteps)
         graphs = {}
@@ -477,7 +478,8 @@ class CudaGraphDenoiser:
             for i, t in enumerate(sampler.timesteps):
                 start = time.perf_counter()
                 coeffs = sampler.step_coefficients(i)
-                unet.view("timestep").set(np.array([t], dtype=np.float32), stream=stream)
+                timestep = unet.view("timestep")  # [b] (one per sample), or [1] in a format-1 folder
+                timestep.set(np.full(timestep.shape, t, dtype=np.float32), stream=stream)
                 self.coef.set(coefficient_vector(coeffs), stream=stream)
                 if not coeffs.final:
                     cp.copyto(self.noise, noise_all[i])

@@ -47,7 +47,7 @@ def _feeds(folder, component, batch=None):
     manifest = read_manifest(folder)
     feeds = example_inputs(manifest, component, vocab_size=_vocab_size(folder, manifest))
     if batch is not None:
-        feeds = {k: v[:batch] if v.ndim > 1 else v for k, v in feeds.items()}
+        feeds = {k: v[:batch] for k, v in feeds.items()}  # the UNet's inputs, timestep included, are per sample
     return feeds
 
 
@@ -97,8 +97,9 @@ def test_cuda_graph_loop_matches_numpy_loop(trt_folder, guidance_scale, use_grap
 
     x = latents.copy()
     for i, t in enumerate(sampler.timesteps):  # reference: eager TensorRT UNet + numpy sampler
-        pred = unet.run({"sample": np.concatenate([x, x]) if guided else x,
-                         "timestep": np.array([t], np.float32), "encoder_hidden_states": embeds})["noise_pred"]
+        sample = np.concatenate([x, x]) if guided else x
+        pred = unet.run({"sample": sample, "timestep": np.full(len(sample), t, np.float32),
+                         "encoder_hidden_states": embeds})["noise_pred"]
         if guided:
             u, c = np.split(pred, 2)
             pred = u + np.float32(guidance_scale) * (c - u)

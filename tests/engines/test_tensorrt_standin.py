@@ -52,6 +52,26 @@ def test_generation_matches_onnxruntime(gpu_standin_modules, trt_engine_folder, 
     assert sum(g.launches for g in graphs) == ARGS["num_inference_steps"] * num_images
 
 
+def test_image_edits_and_streams_match_onnxruntime(gpu_standin_modules, trt_engine_folder):
+    """img2img runs the CUDA-graph loop from the noised image latents (the VAE encoder is an engine too);
+    inpainting steps on the host (the blend after each step); a stream's staggered batch of 2 takes one
+    timestep per sample."""
+    from tiny_engines import edit_image, edit_mask
+
+    pipe = Pipeline.load(trt_engine_folder, backend="tensorrt")
+    ref = Pipeline.load(trt_engine_folder, backend="onnxruntime-cpu")
+    assert "vae_encoder" in {e["component"] for e in load_manifest(trt_engine_folder)["engines"]}
+    for edit in (dict(image=edit_image(), strength=0.5), dict(image=edit_image(), mask_image=edit_mask())):
+        for guidance_scale in (1.0, 2.0):
+            got = pipe(**{**ARGS, "num_inference_steps": 4}, guidance_scale=guidance_scale, **edit)
+            np.testing.assert_allclose(got, ref(**{**ARGS, "num_inference_steps": 4}, guidance_scale=guidance_scale,
+                                                **edit), atol=FP32_ENGINE_ATOL, rtol=0)
+    assert pipe.last_precisions["vae_encoder"] == "fp32"
+    frames = [edit_image(seed=k) for k in range(3)]
+    outputs = [list(p.stream("a lighthouse at dusk", seed=1, output="np").frames(frames)) for p in (pipe, ref)]
+    np.testing.assert_allclose(np.stack(outputs[0]), np.stack(outputs[1]), atol=FP32_ENGINE_ATOL, rtol=0)
+
+
 def test_eager_step_and_repeat(gpu_standin_modules, trt_engine_folder):
     """cuda_graphs=False runs the same step eagerly; a second call replays the captured graphs again."""
     eager = Pipeline.load(trt_engine_folder, backend="tensorrt", cuda_graphs=False)

@@ -87,7 +87,7 @@ def rng():
 # ------------------------------------------------------------------------------------------ manifest
 
 def test_manifest_top_level(manifest, tiny_model):
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["family"] == "sd15"
     assert manifest["guidance_mode"] == "cfg"
     src = manifest["source"]
@@ -205,7 +205,7 @@ def test_manifest_io_specs_match_the_graphs(manifest, tiny_engine):
     assert specs["text_encoder"]["inputs"] == [{"name": "input_ids", "shape": [1, 77], "dtype": "int64"}]
     assert specs["unet"]["inputs"] == [
         {"name": "sample", "shape": ["unet_batch", 4, 16, 16], "dtype": "float32"},
-        {"name": "timestep", "shape": [1], "dtype": "float32"},
+        {"name": "timestep", "shape": ["unet_batch"], "dtype": "float32"},  # one per sample
         {"name": "encoder_hidden_states", "shape": ["unet_batch", 77, 32], "dtype": "float32"}]
     assert specs["vae_decoder"]["outputs"][0]["shape"] == [1, 3, TINY_HEIGHT, TINY_WIDTH]
     assert [o["shape"] for o in specs["vae_encoder"]["outputs"]] == [[1, 4, 16, 16]] * 2
@@ -261,7 +261,7 @@ def test_unet_graph_matches_fused_torch(tiny_engine, fused_pipe, base_pipe, rng,
     hidden = rng.standard_normal((batch, 77, 32), dtype=np.float32)
     sess = session(tiny_engine, "unet")
     for t in (999.0, 259.0):
-        timestep = np.array([t], dtype=np.float32)
+        timestep = np.full(batch, t, dtype=np.float32)
         [got] = sess.run(None, {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden})
         args = (torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(hidden))
         with torch.no_grad():
@@ -274,7 +274,7 @@ def test_unet_graph_matches_fused_torch(tiny_engine, fused_pipe, base_pipe, rng,
 
 def test_unet_graph_refuses_other_batches(tiny_engine):
     sess = session(tiny_engine, "unet")
-    feed = {"sample": np.zeros((3, 4, 16, 16), np.float32), "timestep": np.zeros(1, np.float32),
+    feed = {"sample": np.zeros((3, 4, 16, 16), np.float32), "timestep": np.zeros(3, np.float32),
             "encoder_hidden_states": np.zeros((3, 77, 32), np.float32)}
     try:
         [out] = sess.run(None, feed)
@@ -371,7 +371,7 @@ def test_guidance_none_batch_2_shapes(none_engine):
             assert all(isinstance(d, int) and d > 0 for d in dims(vi)), (name, vi.name, dims(vi))
     unet = onnx.load(str(out / "unet.onnx"), load_external_data=False)
     assert {i.name: dims(i) for i in unet.graph.input} == {
-        "sample": [2, 4, 16, 16], "timestep": [1], "encoder_hidden_states": [2, 77, 32]}
+        "sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 77, 32]}
     assert dims(unet.graph.output[0]) == [2, 4, 16, 16]
     assert comps["text_encoder"]["inputs"][0]["shape"] == [1, 77]  # prompts are encoded one at a time
     assert comps["vae_decoder"]["inputs"][0]["shape"] == [2, 4, 16, 16]
@@ -384,10 +384,10 @@ def test_guidance_none_batch_2_shapes(none_engine):
 def test_guidance_none_unet_runs_at_its_batch(none_engine, rng):
     out, _ = none_engine
     sess = session(out, "unet")
-    feed = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.array([499.0], np.float32),
+    feed = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.array([499.0, 499.0], np.float32),
             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
     assert sess.run(None, feed)[0].shape == (2, 4, 16, 16)
-    feed = {k: (v[:1] if k != "timestep" else v) for k, v in feed.items()}
+    feed = {k: v[:1] for k, v in feed.items()}
     with pytest.raises(Exception):  # static batch 2
         sess.run(None, feed)
 
@@ -399,7 +399,7 @@ def test_lcm_weight_changes_the_unet(none_engine, tiny_engine, manifest, rng):
     assert m["source"] == manifest["source"]
     # same work per call at the largest batch: cfg batch 1 and plain batch 2 both run the UNet on 2 latents
     assert m["components"]["unet"]["flops"] == manifest["components"]["unet"]["flops"]
-    feed = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.array([759.0], np.float32),
+    feed = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.array([759.0, 759.0], np.float32),
             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
     [half] = session(out, "unet").run(None, feed)
     [full] = session(tiny_engine, "unet").run(None, feed)

@@ -10,23 +10,25 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from lcmrt.errors import InputError
-from lcmrt.export.random_model import (LCM_LORA_TARGETS, PRESETS, SD15_FULL, SD15_TINY, STYLE_KEY_PREFIXES,
-                                       STYLE_TEXT_TARGETS, STYLE_UNET_TARGETS, get_preset, target_modules,
-                                       write_random_model)
+from lcmrt.export.random_model import (INPAINT_IN_CHANNELS, LCM_LORA_TARGETS, PRESETS, SD15_FULL, SD15_TINY,
+                                       STYLE_KEY_PREFIXES, STYLE_TEXT_TARGETS, STYLE_UNET_TARGETS, get_preset,
+                                       target_modules, write_random_model)
 
 XL_ARCHS = ("sdxl", "ssd1b")
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
              "ssd1b": "StableDiffusionXLPipeline"}
+INPAINT_PIPELINES = {"sd15": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
+                     "ssd1b": "StableDiffusionXLInpaintPipeline"}
 
 
 def _files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _load_pipeline(model, arch="sd15"):
+def _load_pipeline(model, arch="sd15", inpaint=False):
     import diffusers
 
-    return getattr(diffusers, PIPELINES[arch]).from_pretrained(model)
+    return getattr(diffusers, (INPAINT_PIPELINES if inpaint else PIPELINES)[arch]).from_pretrained(model)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,8 @@ def _load_lora_checked(pipe, path, adapter):
 def _unet_inputs(pipe):
     """(sample, timestep, encoder_hidden_states) and kwargs for a seeded call of the pipeline's UNet."""
     config = pipe.unet.config
-    x = torch.randn(1, 4, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size,
+                    generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(1, 77, config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     kwargs = {}
     if config.addition_embed_type == "text_time":  # SDXL's pooled text embedding and size/crop ids
@@ -461,3 +464,112 @@ def test_full_size_is_sdxl_or_ssd1b(arch, unet_params, lcm_modules, lcm_params):
     assert rank == 64 and preset.lcm_alpha != rank
     assert round(sum(rank * (m.weight[0].numel() + m.weight.shape[0]) for _, m in lcm) / 1e6, 1) == lcm_params
     assert len(target_modules(text_encoder_2, STYLE_TEXT_TARGETS)) == 32 * 4
+
+
+# ------------------------------------------------------------------------------------------ inpainting
+
+@pytest.fixture(scope="module")
+def tiny_inpaint_models(tmp_path_factory):
+    """arch -> the paths of its tiny random inpainting model, seed 0, written on first use."""
+    written = {}
+
+    def get(arch):
+        if arch not in written:
+            out = tmp_path_factory.mktemp(f"{arch}-inpaint") / "tiny"
+            written[arch] = write_random_model(out, arch=arch, size="tiny", seed=0, inpaint=True)
+        return written[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch", ["sd15", *XL_ARCHS])
+def test_tiny_inpaint_model_inpaints_with_both_loras(tiny_inpaint_models, arch):
+    from diffusers import LCMScheduler
+    from PIL import Image
+
+    paths = tiny_inpaint_models(arch)
+    model_index = json.loads((paths["model"] / "model_index.json").read_text())
+    assert model_index["_class_name"] == INPAINT_PIPELINES[arch]
+    pipe = _load_pipeline(paths["model"], arch, inpaint=True)
+    assert type(pipe).__name__ == INPAINT_PIPELINES[arch]
+    assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (INPAINT_IN_CHANNELS, 4) == (9, 4)
+    if arch in XL_ARCHS:  # six time ids (sizes and crops) as the UNet's add_embedding takes, not five
+        assert model_index["requires_aesthetics_score"] is False and pipe.config.requires_aesthetics_score is False
+        assert pipe.config.force_zeros_for_empty_prompt is True
+
+    # the LoRAs fit the 9-channel UNet: conv_in is no LoRA target
+    _load_lora_checked(pipe, paths["lcm_lora"], "lcm")
+    _load_lora_checked(pipe, paths["style_lora"], "style")
+    pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.8])
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    size = 8 * pipe.unet.config.sample_size
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    # strength 1.0: one step at strength < 1 leaves diffusers' inpaint pipelines no step to take
+    out = pipe("a photo of a cat", image=image, mask_image=Image.fromarray(mask), num_inference_steps=1,
+               strength=1.0, guidance_scale=1.0, height=size, width=size, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, size, size, 3) == (1, 128, 128, 3)
+    assert np.isfinite(out).all() and out.std() > 0.01
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_inpaint_mask_and_masked_image_move_the_unet_output(tiny_inpaint_models, arch):
+    pipe = _load_pipeline(tiny_inpaint_models(arch)["model"], arch, inpaint=True)
+    (x, t, ctx), kwargs = _unet_inputs(pipe)  # x: [1, 9, 16, 16] = latents, mask, masked-image latents
+    with torch.no_grad():
+        def run(sample):
+            return pipe.unet(sample, t, ctx, **kwargs).sample  # [1, 4, 16, 16]
+
+        masked, unmasked = x.clone(), x.clone()
+        masked[:, 4], unmasked[:, 4] = 1.0, 0.0
+        base = run(masked)
+        mask_change = ((run(unmasked) - base).norm() / base.norm()).item()
+        other_image = masked.clone()
+        other_image[:, 5:] = torch.randn(1, 4, *x.shape[2:], generator=torch.Generator().manual_seed(3))
+        image_change = ((run(other_image) - base).norm() / base.norm()).item()
+    # measured on the tiny models: 17-20% (mask), 70-79% (masked image)
+    assert mask_change > 0.05, mask_change
+    assert image_change > 0.05, image_change
+
+
+def test_inpaint_model_is_the_regular_model_with_a_wider_conv_in(tiny_model, tiny_inpaint_models):
+    """Same seed: every file but the UNet's and model_index.json has the regular model's bytes, and the UNet's
+    conv_in keeps the regular weights for the latents and adds its own for the mask and masked image."""
+    regular, inpaint = _files(tiny_model["model"].parent), _files(tiny_inpaint_models("sd15")["model"].parent)
+    assert sorted(regular) == sorted(inpaint)
+    changed = {"model/model_index.json", "model/unet/config.json", "model/unet/diffusion_pytorch_model.safetensors"}
+    assert {name for name in regular if regular[name] != inpaint[name]} == changed
+
+    index, inpaint_index = (json.loads(files["model/model_index.json"]) for files in (regular, inpaint))
+    assert {**index, "_class_name": "StableDiffusionInpaintPipeline"} == inpaint_index
+    config, inpaint_config = (json.loads(files["model/unet/config.json"]) for files in (regular, inpaint))
+    assert {**config, "in_channels": 9} == inpaint_config
+
+    a = load_file(tiny_model["model"] / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tiny_inpaint_models("sd15")["model"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == ["conv_in.weight"]
+    assert a["conv_in.weight"].shape == (32, 4, 3, 3) and b["conv_in.weight"].shape == (32, 9, 3, 3)
+    np.testing.assert_array_equal(b["conv_in.weight"][:, :4], a["conv_in.weight"])
+    # torch's default init for a 9-channel conv: its bound scales with 1 / sqrt(fan_in), 4 * 9 -> 9 * 9 inputs
+    ratio = b["conv_in.weight"][:, 4:].std() / a["conv_in.weight"].std()
+    assert 0.55 < ratio < 0.8, ratio
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_cli_inpaint_writes_the_same_9_channel_model(tiny_inpaint_models, tmp_path, arch):
+    from click.testing import CliRunner
+
+    from lcmrt.cli import cli
+
+    out = tmp_path / "inpaint"
+    result = CliRunner().invoke(cli, ["random-model", str(out), "--arch", arch, "--inpaint"])
+    assert result.exit_code == 0, result.output
+    assert "inpainting" in result.output
+    assert json.loads((out / "model" / "unet" / "config.json").read_text())["in_channels"] == 9
+    first, second = _files(tiny_inpaint_models(arch)["model"].parent), _files(out)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name] == second[name], name

@@ -111,7 +111,7 @@ def test_info_describes_the_folder(tiny_engine):
     result = _invoke("info", tiny_engine, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = result.stdout
-    assert "sd15 engine folder, format 1" in text
+    assert "sd15 engine folder, format 2" in text
     assert "128x128 px, batch 1, latent 4x16x16, UNet batches [1, 2]; guidance mode cfg" in text
     assert "LCMScheduler (scaled_linear 0.00085..0.012, epsilon, original_inference_steps 50" in text
     for name in ("text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "fp32"):

@@ -240,7 +240,7 @@ def test_manifest_from_a_newer_format(engine_copy):
     manifest = json.loads((engine_copy / MANIFEST_NAME).read_text())
     manifest["format_version"] = 999
     (engine_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(EngineFolderError, match=r"format 999.*reads format 1 at most\. Upgrade lcmrt.*rebuild"):
+    with pytest.raises(EngineFolderError, match=r"format 999.*reads format 2 at most\. Upgrade lcmrt.*rebuild"):
         Pipeline.load(engine_copy)
 
 

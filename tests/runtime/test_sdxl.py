@@ -11,7 +11,7 @@ from lcmrt.errors import InputError
 from lcmrt.manifest import read_manifest
 
 from tiny_engines import (CROSS_GRAPH_ATOL, STYLE_WEIGHT, TINY_HEIGHT, TINY_WIDTH, build_tiny_engine,  # noqa: E402
-                          diff_to_diffusers)
+                          diff_to_diffusers, diffusers_edit, edit_draws, edit_image, edit_mask, lcmrt_arrays)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -48,9 +48,13 @@ def pipe(engine):
 @pytest.fixture(scope="module")
 def reference(model):
     """diffusers' StableDiffusionXLPipeline + LCMScheduler, fp32, with the engine's LoRAs fused the same way."""
+    return _reference(diffusers.StableDiffusionXLPipeline, model)
+
+
+def _reference(pipeline_class, model):
     from lcmrt.export.lora import LoraSpec, fuse_loras
 
-    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(model["model"], torch_dtype=torch.float32)
+    ref = pipeline_class.from_pretrained(model["model"], torch_dtype=torch.float32)
     fuse_loras(ref, [LoraSpec(model["lcm_lora"], weight=1.0, name="lcm", role="lcm"),
                      LoraSpec(model["style_lora"], weight=STYLE_WEIGHT, name="style")])
     ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
@@ -235,7 +239,7 @@ def test_tensorrt_engines_on_the_stand_in(engine, tmp_path, gpu_standin_modules)
     folder = shutil.copytree(engine, tmp_path / "engine")
     build_engines(folder, workspace="256M", log=lambda *a: None)
     assert {e.component for e in read_manifest(folder).engines} == {"text_encoder", "text_encoder_2", "unet",
-                                                                    "vae_decoder"}
+                                                                    "vae_decoder", "vae_encoder"}
     trt = Pipeline.load(folder, backend="tensorrt")
     np.testing.assert_allclose(_image(trt), _image(Pipeline.load(folder, backend="onnxruntime-cpu")),
                                atol=CROSS_GRAPH_ATOL, rtol=0)
@@ -255,3 +259,64 @@ def test_cli_generate_and_info(engine, tmp_path):
                                                   "vae_decoder": "fp32"}
     info = CliRunner().invoke(cli, ["info", str(engine)])
     assert info.exit_code == 0 and read_manifest(engine).family in info.output and "text_encoder_2" in info.output
+
+
+# --- img2img and inpainting, as StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline -----------
+
+@pytest.mark.parametrize("steps, strength, guidance", [(2, 0.5, 1.0), (4, 0.3, 1.0), (4, 1.0, 1.5)])
+def test_img2img_matches_diffusers(pipe, reference, monkeypatch, steps, strength, guidance):
+    runs = int(steps * strength)
+    arrays = edit_draws(2 + runs - 1, seed=steps)
+    call = dict(prompt=PROMPT, image=edit_image(), strength=strength, num_inference_steps=steps,
+                guidance_scale=guidance, **({"negative_prompt": NEGATIVE} if guidance > 1 else {}))
+    expected = diffusers_edit(diffusers.StableDiffusionXLImg2ImgPipeline.from_pipe(reference), monkeypatch, arrays,
+                              **call)
+    got = pipe(**call, output="np", **lcmrt_arrays(("image_noise", "latents"), arrays))
+    diff = float(np.abs(got - expected).max())
+    print(f"img2img steps={steps} strength={strength} guidance={guidance}: max abs diff {diff:.2e}")
+    assert diff <= MAX_ABS_DIFF
+
+
+@pytest.mark.parametrize("steps, strength", [(2, 0.5), (4, 1.0)])
+def test_inpaint_matches_diffusers(pipe, reference, monkeypatch, steps, strength):
+    """A regular UNet: the known region is re-noised and blended back after every step (diffusers also encodes
+    the masked image, which only an inpainting UNet uses: its draw is skipped here)."""
+    runs = int(steps * strength)
+    arrays = edit_draws(3 + runs - 1, seed=steps + 1)
+    call = dict(prompt=PROMPT, image=edit_image(), mask_image=edit_mask(), strength=strength, num_inference_steps=steps,
+                guidance_scale=1.0)
+    expected = diffusers_edit(diffusers.StableDiffusionXLInpaintPipeline.from_pipe(reference), monkeypatch, arrays,
+                              **call)
+    got = pipe(**call, output="np", **lcmrt_arrays(("image_noise", "latents"), arrays[:2] + arrays[3:]))
+    diff = float(np.abs(got - expected).max())
+    print(f"inpaint steps={steps} strength={strength}: max abs diff {diff:.2e}")
+    assert diff <= MAX_ABS_DIFF
+
+
+@pytest.fixture(scope="module")
+def inpaint_model(family, tmp_path_factory):
+    """The family's model with a 9-channel inpainting UNet (diffusers/stable-diffusion-xl-1.0-inpainting-0.1's)."""
+    from lcmrt.export.random_model import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp(f"{family}-inpaint") / "tiny", arch=family, size="tiny", seed=0,
+                              inpaint=True)
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipe(inpaint_model, tmp_path_factory):
+    return Pipeline.load(build_tiny_engine(inpaint_model, tmp_path_factory.mktemp("engine") / "inpaint"))
+
+
+@pytest.mark.parametrize("steps, strength", [(2, 0.5), (4, 1.0)])
+def test_inpainting_unet_matches_diffusers(inpaint_pipe, inpaint_model, monkeypatch, steps, strength):
+    pipe = inpaint_pipe
+    reference = _reference(diffusers.StableDiffusionXLInpaintPipeline, inpaint_model)
+    names = ("latents", "masked_image_noise") if strength == 1.0 else ("image_noise", "latents", "masked_image_noise")
+    arrays = edit_draws(len(names) + int(steps * strength) - 1, seed=steps + 2)
+    call = dict(prompt=PROMPT, image=edit_image(), mask_image=edit_mask(), strength=strength, num_inference_steps=steps,
+                guidance_scale=1.0)
+    expected = diffusers_edit(reference, monkeypatch, arrays, **call)
+    got = pipe(**call, output="np", **lcmrt_arrays(names, arrays))
+    diff = float(np.abs(got - expected).max())
+    print(f"inpaint (9-channel UNet) steps={steps} strength={strength}: max abs diff {diff:.2e}")
+    assert diff <= MAX_ABS_DIFF
