@@ -1,5 +1,6 @@
 """What lcmrt builds on top of an engine folder's fp32 ONNX graphs, in one call: this CPU's pre-optimized ONNX
-Runtime graphs, FP16 and INT8 graph variants (with their measured fidelity) and TensorRT engines.
+Runtime graphs, OpenVINO models, FP16 and INT8 graph variants (with their measured fidelity) and TensorRT
+engines.
 
 `lcmrt build` runs it inside the new folder before it is renamed into place (`lcmrt.export.build`), and
 `lcmrt build --engines-only FOLDER` on an existing folder; Python callers do the same through
@@ -22,6 +23,7 @@ ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
 class EngineRequest:
     backend: str = "onnxruntime"  # "tensorrt" also builds TensorRT engines for this GPU
     ort_cpu_graphs: bool = True  # this CPU's pre-optimized ONNX Runtime graphs (fast session creation)
+    openvino: bool | None = None  # OpenVINO models for the openvino backend; None: where OpenVINO is installed
     fp16: bool | None = None  # FP16 text encoder and UNet graphs; None: only with backend "tensorrt"
     fp16_vae: bool = False  # an FP16 VAE decoder too
     int8: bool = False  # an INT8 UNet graph (lossy, faster on CPUs)
@@ -42,6 +44,13 @@ def check_engine_request(req: EngineRequest, refittable: bool) -> None:
 
         if not TensorRTBackend.installed():
             raise BackendError(f"--backend tensorrt needs TensorRT and CuPy on this machine. {INSTALL_HINT}")
+    if req.openvino:
+        from .openvino_ir import openvino_installed
+
+        if not openvino_installed():
+            from ..backends.openvino import INSTALL_HINT
+
+            raise BackendError(f"--openvino needs OpenVINO on this machine. {INSTALL_HINT}")
     if req.int8 and refittable:
         raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
                          "--refittable-lcm keep swappable: leave out one or the other.")
@@ -64,6 +73,13 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
         with stages.stage("optimize CPU graphs"):
             optimize_folder(folder, manifest)
             commit(folder, manifest)
+    if req.openvino is not False:
+        from .openvino_ir import openvino_installed, save_folder
+
+        if req.openvino or openvino_installed():
+            with stages.stage("OpenVINO models"):
+                save_folder(folder, manifest)
+                commit(folder, manifest)
     if req.wants_fp16:
         from .fp16 import convert_folder, default_fp16_components, record_variants
 

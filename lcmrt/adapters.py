@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .errors import AdapterError, EngineFolderError
-from .manifest import REFIT_FIX, Manifest, folder_file, verify_files
+from .manifest import REFIT_FIX, Manifest, RefitEntry, folder_file, verify_files
 
 READD = "Re-add the adapter with `lcmrt adapter add`."
 
@@ -83,18 +83,7 @@ class AdapterBank:
     def base(self, module: str) -> np.ndarray:
         """The pristine graph weight of a module, in graph layout (read-only memory map)."""
         if module not in self._base:
-            entry = self.refit_map[module]
-            if entry.file is None:
-                raise EngineFolderError(f"The refit map of {self.folder} does not say where {module}'s weight is "
-                                        f"stored. {REFIT_FIX}")
-            shape = entry.shape[::-1] if entry.transpose else entry.shape
-            verify_files(self.folder, {entry.file: entry.file_sha256})
-            path = folder_file(self.folder, entry.file)
-            if entry.offset + entry.length > path.stat().st_size:
-                raise EngineFolderError(f"The refit map of {self.folder} places {module}'s weight at bytes "
-                                        f"{entry.offset}+{entry.length}, past the end of {entry.file}. {REFIT_FIX}")
-            self._base[module] = np.memmap(path, dtype=np.dtype(entry.dtype), mode="r", offset=entry.offset,
-                                           shape=tuple(shape))
+            self._base[module] = map_base(self.folder, self.refit_map[module])
         return self._base[module]
 
     def _contributions(self, active: dict[str, float]) -> dict[str, tuple]:
@@ -136,6 +125,22 @@ class AdapterBank:
             total = delta if total is None else np.add(total, delta, out=total)
         total = total.reshape(base.shape)
         return np.add(total, base, out=total)
+
+
+def map_base(folder: Path, entry: RefitEntry, mode: str = "r") -> np.memmap:
+    """The pristine graph weight of one refit map entry, in graph layout, memory-mapped from the graph's data file
+    after checking it. Mode "r" is read-only; "c" (copy-on-write: pages stay shared with the file until written)
+    for libraries that only take writeable arrays."""
+    if entry.file is None:
+        raise EngineFolderError(f"The refit map of {folder} does not say where {entry.module}'s weight is "
+                                f"stored. {REFIT_FIX}")
+    shape = entry.shape[::-1] if entry.transpose else entry.shape
+    verify_files(folder, {entry.file: entry.file_sha256})
+    path = folder_file(folder, entry.file)
+    if entry.offset + entry.length > path.stat().st_size:
+        raise EngineFolderError(f"The refit map of {folder} places {entry.module}'s weight at bytes "
+                                f"{entry.offset}+{entry.length}, past the end of {entry.file}. {REFIT_FIX}")
+    return np.memmap(path, dtype=np.dtype(entry.dtype), mode=mode, offset=entry.offset, shape=tuple(shape))
 
 
 def _factors(tensors: dict, module: str) -> tuple:

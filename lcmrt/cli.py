@@ -91,6 +91,9 @@ def _console(quiet: bool):
 @click.option("--refittable-lcm", is_flag=True, help="Keep the LCM-LoRA unfused too, so its weight can change.")
 @click.option("--ort-cpu-graphs/--no-ort-cpu-graphs", default=True, show_default=True,
               help="Also save ONNX Runtime's optimized CPU graphs, so sessions load in seconds (more disk).")
+@click.option("--openvino/--no-openvino", default=None,
+              help="Also save OpenVINO models for backend 'openvino' (more disk; default: where OpenVINO is "
+                   "installed).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt also builds TensorRT engines (on the GPU that will run them).")
 @click.option("--engines-only", type=click.Path(path_type=Path), default=None, metavar="FOLDER",
@@ -115,7 +118,7 @@ def _console(quiet: bool):
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, refittable, refittable_lcm, ort_cpu_graphs, backend, engines_only, fp16, fp16_vae, int8,
+          overwrite, refittable, refittable_lcm, ort_cpu_graphs, openvino, backend, engines_only, fp16, fp16_vae, int8,
           vae_decoder, tiny_vae, stream_batch, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
@@ -129,8 +132,8 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
     console = _console(quiet)
     stages = Stages(console)
     log = console.print if console is not None else None
-    engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, fp16=fp16, fp16_vae=fp16_vae, int8=int8,
-                            workspace=workspace)
+    engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, openvino=openvino, fp16=fp16,
+                            fp16_vae=fp16_vae, int8=int8, workspace=workspace)
     if engines_only is not None:
         if model or lcm_lora or out or vae_decoder or tiny_vae or stream_batch:
             raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out, "
@@ -138,6 +141,7 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
         folder = engines_only
         # a GPU machine building its engines leaves the folder's CPU graphs as they are
         engines.ort_cpu_graphs = ort_cpu_graphs and backend == "onnxruntime"
+        engines.openvino = openvino if backend == "onnxruntime" else bool(openvino)
         manifest = add_engines(folder, engines, stages, log)
     else:
         missing = [name for name, value in (("MODEL", model), ("--out", out)) if not value]
@@ -216,7 +220,7 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
 @click.option("--guidance", default=1.0, show_default=True, help="> 1 needs a folder built with --guidance-mode cfg.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the PNG).")
 @click.option("--num-images", default=1, show_default=True)
-@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, openvino, onnxruntime-cuda, tensorrt, ...")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="ONNX Runtime: run the folder's fp16 or int8 graphs where it has them (default fp32).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
@@ -437,7 +441,7 @@ def adapter_list(folder):
 @click.option("--steps", default=4, show_default=True, help="LCM steps.")
 @click.option("--guidance", default=1.0, show_default=True, help="> 1 needs a folder built with --guidance-mode cfg.")
 @click.option("--repeats", default=3, show_default=True, help="Warm generations after the cold one.")
-@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda, ...")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, openvino, onnxruntime-cuda, tensorrt, ...")
 @click.option("--prompt", default=None, help="Prompt to generate (default: a fixed one).")
 @click.option("--gemm-size", default=4096, show_default=True, help="N of the N^3 fp32 GEMM measuring the peak.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest, read_manifest, variant_file, write_manifest
+from .manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest, read_manifest, variant_files, write_manifest
 
 SCRATCH_PREFIX = ".scratch-"  # folders a change builds files in before moving them beside the old ones
 # What a change may leave behind: its own graph files, adapter packs, scratch folders and manifest temporaries.
 # Anything else in the folder (the tokenizer's other files, TensorRT's caches, a user's notes) is never removed.
-_GRAPH_SUFFIXES = (".onnx", ".onnx.data")
+_GRAPH_FILE = re.compile(r"(\.onnx|\.onnx\.data|\.openvino(-\d+)?\.(xml|bin))$")
 
 
 def referenced_files(manifest: Manifest) -> set[str]:
@@ -36,7 +37,7 @@ def referenced_files(manifest: Manifest) -> set[str]:
 
 def _leftovers(folder: Path, referenced: set[str]) -> list[Path]:
     top = [p for p in folder.iterdir() if p.name not in referenced and (
-        p.name.endswith(_GRAPH_SUFFIXES) and p.is_file()
+        _GRAPH_FILE.search(p.name) and p.is_file()
         or p.name.startswith((SCRATCH_PREFIX, f".{MANIFEST_NAME}.")))]
     packs = folder / ADAPTER_DIR
     if packs.is_dir():
@@ -84,11 +85,11 @@ def fresh_graph_name(folder: Path, manifest: Manifest, component: str, variant: 
     manifest still names the first), with no file of an interrupted change in its way."""
     referenced = referenced_files(manifest)
     for n in range(len(referenced) + 2):
-        name = variant_file(component, variant if n == 0 else f"{variant}-{n}")
-        if name not in referenced and f"{name}.data" not in referenced:
-            for stale in (name, f"{name}.data"):
+        files = variant_files(component, variant if n == 0 else f"{variant}-{n}")
+        if not referenced.intersection(files):
+            for stale in files:
                 (folder / stale).unlink(missing_ok=True)
-            return name
+            return files[0]
     raise AssertionError("unreachable: more names than referenced files")
 
 

@@ -28,6 +28,9 @@ FP32, FP16, INT8 = "fp32", "fp16", "int8"
 GRAPH_PRECISIONS = (FP32, FP16, INT8)  # a component without a variant runs its fp32 graph
 PRE_OPTIMIZED = "ort-cpu"  # written by lcmrt.engines.ort_optimize: ONNX Runtime's CPU optimizations applied
 REFIT_INPUTS = "refit-inputs"  # written by lcmrt.export.adapters: refit weights declared as graph inputs
+# written by lcmrt.engines.openvino_ir: the fp32 graph in OpenVINO's own format, `<component>.openvino.xml`
+# with its weights in `.bin` beside it
+OPENVINO = "openvino"
 FP16_SUFFIX = f".{FP16}.onnx"
 INT8_SUFFIX = f".{INT8}.onnx"
 # TensorRT engines: trt/sm<major><minor>-<trt version>/<component>.plan, with the key's timing cache and
@@ -55,9 +58,12 @@ REFIT_FIX = ("Rebuild the folder with `lcmrt build ... --refittable`, or re-add 
              "`lcmrt adapter add`.")
 
 
-def variant_file(component: str, variant: str) -> str:
-    """The graph file of a component's variant, e.g. `unet.fp16.onnx`."""
-    return f"{component}.{variant}.onnx"
+def variant_files(component: str, variant: str) -> tuple[str, str]:
+    """The graph file of a component's variant and the weight file it may have beside it, e.g. `unet.fp16.onnx`
+    and `unet.fp16.onnx.data`; an OpenVINO model's are `unet.openvino.xml` and `unet.openvino.bin`."""
+    if variant.split("-")[0] == OPENVINO:
+        return f"{component}.{variant}.xml", f"{component}.{variant}.bin"
+    return f"{component}.{variant}.onnx", f"{component}.{variant}.onnx.data"
 
 
 def file_sha256(path: str | Path) -> str:

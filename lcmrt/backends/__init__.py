@@ -12,7 +12,7 @@ _ONNXRUNTIME = {
     "onnxruntime-cuda": "cuda",
     "onnxruntime-trt": "tensorrt",
 }
-BACKEND_NAMES = ("auto", *_ONNXRUNTIME, "tensorrt")
+BACKEND_NAMES = ("auto", *_ONNXRUNTIME, "openvino", "tensorrt")
 
 __all__ = ["BACKEND_NAMES", "Backend", "Session", "TensorSpec", "get_backend"]
 
@@ -26,6 +26,10 @@ def get_backend(name: str = "auto", **options) -> Backend:
         from .tensorrt import TensorRTBackend
 
         return TensorRTBackend(**options)
+    if name == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(**options)
     from .onnxruntime import OnnxRuntimeBackend
 
     if name == "auto":

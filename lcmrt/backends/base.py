@@ -2,7 +2,7 @@
 
 A backend loads one component (text encoder, UNet, VAE) from the engine folder into a `Session`; a
 session runs with named arrays and can have named weights replaced (refit) for adapter swapping.
-ONNX Runtime and TensorRT implement it; the pipeline never talks to either directly.
+ONNX Runtime, OpenVINO and TensorRT implement it; the pipeline never talks to any of them directly.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class TensorSpec:
 class Session(ABC):
     """One loaded component."""
 
+    component: str
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     precision: str = "fp32"  # of the loaded graph or engine
@@ -30,6 +33,23 @@ class Session(ABC):
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; every input by name, every output returned by name."""
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """A BackendError naming the input unless `feeds` are exactly the inputs, each of its dtype and shape."""
+        missing = [name for name in self.inputs if name not in feeds]
+        unknown = [name for name in feeds if name not in self.inputs]
+        if missing or unknown:
+            raise BackendError(
+                f"{self.component} takes inputs {', '.join(self.inputs)}; "
+                + (f"missing: {', '.join(missing)}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"not inputs of this graph: {', '.join(unknown)}" if unknown else "") + ".")
+        for name, spec in self.inputs.items():
+            value = feeds[name]
+            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype or not fits(value.shape, spec.shape):
+                got = describe(value.dtype, value.shape) if isinstance(value, np.ndarray) else type(value).__name__
+                raise BackendError(
+                    f"{self.component} input {name!r}: expected {describe(spec.dtype, spec.shape)}, got {got}.")
 
     def denoise_loop(self, shape: tuple[int, ...]):
         """For a UNet session: a device-resident LCM loop `(sampler, latents, step_noise, conditioning,
@@ -49,3 +69,11 @@ class Backend(ABC):
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> Session:
         """Load `component` of the engine folder, after checking its files against the manifest's hashes.
         `weights` (graph initializer name -> array) replace graph weights from the start, as `refit` would."""
+
+
+def fits(shape: tuple, expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(isinstance(e, str) or s == e for s, e in zip(shape, expected))
+
+
+def describe(dtype, shape) -> str:
+    return f"{np.dtype(dtype).name if dtype is not None else 'unsupported type'}[{', '.join(str(d) for d in shape)}]"

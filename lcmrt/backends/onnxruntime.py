@@ -21,7 +21,7 @@ from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError, EngineFolderError
 from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REBUILD, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
                         verify_component, with_size_dims)
-from .base import Backend, Session, TensorSpec
+from .base import Backend, Session, TensorSpec, describe
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -217,7 +217,7 @@ class OrtSession(Session):
         return TensorSpec(arg.name, shape, np.dtype(dtype))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._check_feeds(feeds)
+        self.check_feeds(feeds)
         try:
             if self._binding is not None:
                 with self._run_lock:
@@ -226,22 +226,6 @@ class OrtSession(Session):
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
         return dict(zip(self.outputs, values))
-
-    def _check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        missing = [name for name in self.inputs if name not in feeds]
-        unknown = [name for name in feeds if name not in self.inputs]
-        if missing or unknown:
-            raise BackendError(
-                f"{self.component} takes inputs {', '.join(self.inputs)}; "
-                + (f"missing: {', '.join(missing)}" if missing else "")
-                + ("; " if missing and unknown else "")
-                + (f"not inputs of this graph: {', '.join(unknown)}" if unknown else "") + ".")
-        for name, spec in self.inputs.items():
-            value = feeds[name]
-            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype or not _fits(value.shape, spec.shape):
-                got = _describe(value.dtype, value.shape) if isinstance(value, np.ndarray) else type(value).__name__
-                raise BackendError(
-                    f"{self.component} input {name!r}: expected {_describe(spec.dtype, spec.shape)}, got {got}.")
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Swap in new initializer values (graph initializer name -> array); the other weights stay as they
@@ -275,8 +259,8 @@ class OrtSession(Session):
         for name, value in weights.items():
             spec, value = self._weight_specs[name], np.asarray(value)
             if value.dtype != spec.dtype or value.shape != spec.shape:
-                raise BackendError(f"weight {name!r} of {self.path.name}: expected {_describe(spec.dtype, spec.shape)}, "
-                                   f"got {_describe(value.dtype, value.shape)}.")
+                raise BackendError(f"weight {name!r} of {self.path.name}: expected {describe(spec.dtype, spec.shape)}, "
+                                   f"got {describe(value.dtype, value.shape)}.")
             arrays[name] = np.require(value, requirements="C")
         return arrays
 
@@ -300,8 +284,8 @@ class OrtSession(Session):
             value = np.asarray(value)
             if value.dtype != spec.dtype or value.shape != spec.shape:
                 raise BackendError(
-                    f"weight {name!r} of {self.path.name}: expected {_describe(spec.dtype, spec.shape)}, "
-                    f"got {_describe(value.dtype, value.shape)}.")
+                    f"weight {name!r} of {self.path.name}: expected {describe(spec.dtype, spec.shape)}, "
+                    f"got {describe(value.dtype, value.shape)}.")
             arrays[name] = np.require(value, requirements="C")
         return arrays
 
@@ -363,14 +347,6 @@ class DeviceBinding:
         run_options = ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return io, inputs, outputs, run_options
-
-
-def _fits(shape: tuple, expected: tuple) -> bool:
-    return len(shape) == len(expected) and all(isinstance(e, str) or s == e for s, e in zip(shape, expected))
-
-
-def _describe(dtype, shape) -> str:
-    return f"{np.dtype(dtype).name if dtype is not None else 'unsupported type'}[{', '.join(str(d) for d in shape)}]"
 
 
 def _some(names: list[str]) -> str:

@@ -177,9 +177,10 @@ def test_components_files_and_hashes(manifest, tiny_engine):
         assert entry["parameters"] > 0 and entry["flops"] > 0
     # nothing else in the folder: no scratch export folders or partial files
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-    # the graphs, and ONNX Runtime's pre-optimized CPU graphs with their weights
+    # the graphs, ONNX Runtime's pre-optimized CPU graphs and the OpenVINO models, with their weights
     expected = {"manifest.json", *(f"{c}{suffix}" for c in COMPONENTS
-                                   for suffix in (".onnx", ".ort-cpu.onnx", ".ort-cpu.onnx.data"))}
+                                   for suffix in (".onnx", ".ort-cpu.onnx", ".ort-cpu.onnx.data", ".openvino.xml",
+                                                  ".openvino.bin"))}
     assert {f for f in files if not f.startswith("tokenizer/")} == expected
     assert "tokenizer/tokenizer.json" in files
     assert not [p for p in folder.rglob(".*")]
@@ -488,14 +489,15 @@ def test_failed_overwrite_keeps_the_old_folder(tiny_model, tiny_engine, tmp_path
 # ----------------------------------------------------------------------------- one build API for every option
 
 def test_build_request_builds_variants_in_one_call(tiny_model, tmp_path):
-    """Everything `lcmrt build` can add (CPU graphs, fp16, int8) is reachable from Python in one request."""
+    """Everything `lcmrt build` can add (CPU graphs, OpenVINO models, fp16, int8) is reachable from Python in one
+    request."""
     from lcmrt.engines.build import EngineRequest
 
     out = tmp_path / "engine"
     build_tiny_engine(tiny_model, out, style_weight=None, engines=EngineRequest(fp16=True, int8=True))
     components = manifest_of(out)["components"]
-    assert set(components["unet"]["variants"]) == {"ort-cpu", "fp16", "int8"}
-    assert set(components["text_encoder"]["variants"]) == {"ort-cpu", "fp16"}
+    assert set(components["unet"]["variants"]) == {"ort-cpu", "openvino", "fp16", "int8"}
+    assert set(components["text_encoder"]["variants"]) == {"ort-cpu", "openvino", "fp16"}
     assert "fp16" not in components["vae_decoder"]["variants"]  # only on request (fp16_vae)
     for entry in (components["unet"]["variants"]["fp16"], components["unet"]["variants"]["int8"]):
         assert entry["fidelity"]["finite"] and (out / entry["file"]).is_file()
