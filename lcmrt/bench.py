@@ -137,16 +137,16 @@ def time_generation(pipe, prompt: str = DEFAULT_PROMPT, steps: int = 4, guidance
     unet = pipe.sessions["unet"]
     # The ONNX Runtime session keeps its InferenceSession in `_session`: timing that call leaves the input
     # checks of lcmrt's backend wrapper on the overhead side. Other backends are timed at `run`.
-    holder, attr = (unet, "_session") if hasattr(unet, "_session") else (pipe.sessions, "unet")
-    timer = _KernelTimer(getattr(holder, attr))
-    setattr(holder, attr, timer)
+    holder, key = (unet.__dict__, "_session") if hasattr(unet, "_session") else (pipe.sessions, "unet")
+    timer = _KernelTimer(holder[key])
+    holder[key] = timer
     try:
         start = time.perf_counter()
         pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed, num_images=num_images,
              output="np")
         e2e = time.perf_counter() - start
     finally:
-        setattr(holder, attr, timer._inner)
+        holder[key] = timer._inner
     t = pipe.last_timings
     return {"e2e": e2e, "text_encoder": t["text_encoder"], "unet_steps": list(t["unet_steps"]),
             "vae_decode": t["vae_decode"], "unet_run": timer.seconds, "num_images": num_images}

@@ -355,11 +355,11 @@ def info(folder, as_json):
                   f"{_shown(cfg, 'beta_start')}..{_shown(cfg, 'beta_end')}, {_shown(cfg, 'prediction_type')}, "
                   f"original_inference_steps {_shown(cfg, 'original_inference_steps')}, timestep_scaling "
                   f"{_shown(cfg, 'timestep_scaling')})")
-    table = Table("component", "file", "precision", "params", "GFLOP", "max abs diff vs torch")
+    table = Table("component", "file", "precision", "params", "GFLOP", "max abs diff vs torch", "variants")
     for name, entry in manifest.components.items():
         flops = entry.number("flops")
         table.add_row(name, entry.file, entry.precision, _millions(entry.number("parameters")),
-                      "?" if flops is None else f"{flops / 1e9:.1f}", _diff(entry))
+                      "?" if flops is None else f"{flops / 1e9:.1f}", _diff(entry), ", ".join(entry.variants) or "-")
     console.print(table)
     adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
     for a in manifest.adapters:

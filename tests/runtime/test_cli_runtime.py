@@ -114,7 +114,7 @@ def test_info_describes_the_folder(tiny_engine):
     assert "sd15 engine folder, format 2" in text
     assert "128x128 px, batch 1, latent 4x16x16, UNet batches [1, 2]; guidance mode cfg" in text
     assert "LCMScheduler (scaled_linear 0.00085..0.012, epsilon, original_inference_steps 50" in text
-    for name in ("text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "fp32"):
+    for name in ("text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "fp32", "ort-cpu, openvino"):
         assert name in text
     adapter_rows = {line.split("│")[1].strip(): line for line in text.splitlines()
                     if line.count("│") > 2 and line.split("│")[1].strip() in ADAPTERS}

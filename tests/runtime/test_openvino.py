@@ -170,3 +170,29 @@ def test_build_flags(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="--openvino needs OpenVINO"):
         build_tiny_engine(tiny_model, tmp_path / "asked", engines=EngineRequest(openvino=True))
     assert not (tmp_path / "asked").exists()
+
+
+def test_cli_generate_with_the_openvino_backend(tiny_engine, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lcmrt.cli import cli
+
+    out = tmp_path / "fox.png"
+    result = CliRunner().invoke(cli, ["generate", str(tiny_engine), "a watercolor fox", "--seed", "5", "--steps", "3",
+                                      "--backend", "openvino", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.text["backend"] == "openvino"
+        pixels = np.asarray(image, dtype=np.float32) / 255
+    reference = lcmrt.Pipeline.load(tiny_engine)(**CALL)[0]
+    assert np.abs(pixels - reference).max() <= 1 / 255 + OPENVINO_ATOL  # 8-bit rounding of the same image
+
+
+def test_bench_times_the_openvino_unet(tiny_engine, cache):
+    from lcmrt.bench import measure
+
+    result = measure(tiny_engine, backend="openvino", steps=3, warm_runs=1, cache_dir=cache)
+    assert result["backend"] == "openvino"
+    for record in (result["first"], *result["warm"]):
+        assert len(record["unet_run"]) == 3 and all(0 < s <= u for s, u in zip(record["unet_run"], record["unet_steps"]))
