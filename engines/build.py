@@ -1,6 +1,6 @@
 """What lcmrt builds on top of an engine folder's fp32 ONNX graphs, in one call: this CPU's pre-optimized ONNX
-Runtime graphs, OpenVINO models, FP16 and INT8 graph variants (with their measured fidelity) and TensorRT
-engines.
+Runtime graphs, OpenVINO models, the fastest CPU backend per component (measured here), FP16 and INT8 graph
+variants (with their measured fidelity) and TensorRT engines.
 
 `lcmrt build` runs it inside the new folder before it is renamed into place (`lcmrt.export.build`), and
 `lcmrt build --engines-only FOLDER` on an existing folder; Python callers do the same through
@@ -24,6 +24,9 @@ class EngineRequest:
     backend: str = "onnxruntime"  # "tensorrt" also builds TensorRT engines for this GPU
     ort_cpu_graphs: bool = True  # this CPU's pre-optimized ONNX Runtime graphs (fast session creation)
     openvino: bool | None = None  # OpenVINO models for the openvino backend; None: where OpenVINO is installed
+    # time each CPU backend per component and record the fastest for backend "auto"; None: with backend
+    # "onnxruntime" where a second CPU backend (OpenVINO) is installed
+    choose_backends: bool | None = None
     fp16: bool | None = None  # FP16 text encoder and UNet graphs; None: only with backend "tensorrt"
     fp16_vae: bool = False  # an FP16 VAE decoder too
     int8: bool = False  # an INT8 UNet graph (lossy, faster on CPUs)
@@ -51,6 +54,14 @@ def check_engine_request(req: EngineRequest, refittable: bool) -> None:
             from ..backends.openvino import INSTALL_HINT
 
             raise BackendError(f"--openvino needs OpenVINO on this machine. {INSTALL_HINT}")
+    if req.choose_backends:
+        from ..backends.chosen import installed_cpu_backends
+
+        if len(installed_cpu_backends()) < 2:
+            from ..backends.openvino import INSTALL_HINT
+
+            raise BackendError(f"--choose-backends compares CPU backends, and only ONNX Runtime is installed here: "
+                               f"OpenVINO is the other. {INSTALL_HINT}")
     if req.int8 and refittable:
         raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
                          "--refittable-lcm keep swappable: leave out one or the other.")
@@ -58,7 +69,8 @@ def check_engine_request(req: EngineRequest, refittable: bool) -> None:
 
 def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = None, log=None) -> dict:
     """Build what `req` asks for into the engine folder `folder`, recording each in its manifest; return the
-    manifest. `log` (a print-like callable) receives the TensorRT builder's messages."""
+    manifest. `log` (a print-like callable) receives the backend choice's figures and the TensorRT builder's
+    messages."""
     folder = Path(folder)
     stages = stages or Stages()
     check_engine_request(req, bool(read_manifest(folder).refit_map))
@@ -79,6 +91,14 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
         if req.openvino or openvino_installed():
             with stages.stage("OpenVINO models"):
                 save_folder(folder, manifest)
+                commit(folder, manifest)
+    if req.choose_backends or (req.choose_backends is None and req.backend == "onnxruntime"):
+        from ..backends.chosen import installed_cpu_backends
+        from .backend_choice import choose_backends
+
+        if len(installed_cpu_backends()) > 1:
+            with stages.stage("choose CPU backends"):
+                choose_backends(folder, manifest, log=log)
                 commit(folder, manifest)
     if req.wants_fp16:
         from .fp16 import convert_folder, default_fp16_components, record_variants

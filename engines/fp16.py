@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..folder_update import commit, fresh_graph_name
-from ..manifest import FP16, FP16_SUFFIX, Manifest, file_sha256, read_manifest
+from ..manifest import FP16, FP16_SUFFIX, Manifest, file_sha256, read_manifest, size_dims
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs, psnr, save_graph
 from .graphs import example_inputs as graph_inputs
 
@@ -239,12 +239,16 @@ def convert_component(folder: str | Path, manifest: Manifest | dict, component: 
 
 
 def example_inputs(manifest: Manifest | dict, component: str, seed: int = FIDELITY_SEED, vocab_size: int = 49408,
-                   size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+                   size: tuple[int, int] | None = None, smallest_batch: bool = False) -> dict[str, np.ndarray]:
     """Seeded inputs for a component's graphs at one of the folder's sizes (default: the first), with a varying
-    batch at its largest."""
+    batch at its largest (or smallest: the UNet's batch without guidance)."""
     manifest = Manifest.of(manifest)
-    inputs = [(t.name, t.shape, t.dtype) for t in manifest.component(component).inputs]
-    return graph_inputs(inputs, manifest.dims(component, size), seed, vocab_size)
+    entry = manifest.component(component)
+    dims = manifest.dims(component, size)
+    if smallest_batch:
+        sized = size_dims(*(size or manifest.shapes.sizes[0]))
+        dims.update({d: min(v) for d, v in entry.dim_values.items() if d not in sized})
+    return graph_inputs([(t.name, t.shape, t.dtype) for t in entry.inputs], dims, seed, vocab_size)
 
 
 def island_inputs(fp16_model) -> list[str]:

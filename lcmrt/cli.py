@@ -94,6 +94,9 @@ def _console(quiet: bool):
 @click.option("--openvino/--no-openvino", default=None,
               help="Also save OpenVINO models for backend 'openvino' (more disk; default: where OpenVINO is "
                    "installed).")
+@click.option("--choose-backends/--no-choose-backends", default=None,
+              help="Time each CPU backend (ONNX Runtime, OpenVINO) on each component here and record the fastest, "
+                   "which backend 'auto' then runs on CPUs of this class (default: where OpenVINO is installed).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt also builds TensorRT engines (on the GPU that will run them).")
 @click.option("--engines-only", type=click.Path(path_type=Path), default=None, metavar="FOLDER",
@@ -118,8 +121,8 @@ def _console(quiet: bool):
               help="TensorRT builder workspace limit, e.g. 1G on Jetson or 8 GB cards.")
 @click.option("--quiet", is_flag=True, help="No progress or summary output.")
 def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guidance_mode, out, config, allow_pickle,
-          overwrite, refittable, refittable_lcm, ort_cpu_graphs, openvino, backend, engines_only, fp16, fp16_vae, int8,
-          vae_decoder, tiny_vae, stream_batch, workspace, quiet):
+          overwrite, refittable, refittable_lcm, ort_cpu_graphs, openvino, choose_backends, backend, engines_only, fp16,
+          fp16_vae, int8, vae_decoder, tiny_vae, stream_batch, workspace, quiet):
     """Fuse LoRAs into MODEL and export a validated static-shape engine folder."""
     import signal
 
@@ -132,8 +135,8 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
     console = _console(quiet)
     stages = Stages(console)
     log = console.print if console is not None else None
-    engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, openvino=openvino, fp16=fp16,
-                            fp16_vae=fp16_vae, int8=int8, workspace=workspace)
+    engines = EngineRequest(backend=backend, ort_cpu_graphs=ort_cpu_graphs, openvino=openvino,
+                            choose_backends=choose_backends, fp16=fp16, fp16_vae=fp16_vae, int8=int8, workspace=workspace)
     if engines_only is not None:
         if model or lcm_lora or out or vae_decoder or tiny_vae or stream_batch:
             raise InputError("--engines-only FOLDER works on an existing folder: leave out MODEL, --lcm-lora, --out, "
@@ -142,6 +145,7 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
         # a GPU machine building its engines leaves the folder's CPU graphs as they are
         engines.ort_cpu_graphs = ort_cpu_graphs and backend == "onnxruntime"
         engines.openvino = openvino if backend == "onnxruntime" else bool(openvino)
+        engines.choose_backends = choose_backends if backend == "onnxruntime" else bool(choose_backends)
         manifest = add_engines(folder, engines, stages, log)
     else:
         missing = [name for name, value in (("MODEL", model), ("--out", out)) if not value]
@@ -361,11 +365,40 @@ def info(folder, as_json):
         table.add_row(name, entry.file, entry.precision, _millions(entry.number("parameters")),
                       "?" if flops is None else f"{flops / 1e9:.1f}", _diff(entry), ", ".join(entry.variants) or "-")
     console.print(table)
+    _print_backend_choice(console, folder, manifest)
     adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
     for a in manifest.adapters:
         adapters.add_row(a.name, _shown(a.data, "role"), f"{a.weight:g}", str(a.fused), _shown(a.data, "format"),
                          _modules(a))
     console.print(adapters)
+
+
+def _print_backend_choice(console, folder: Path, manifest) -> None:
+    """The build's CPU backend per component, its figures, and whether backend "auto" follows it here."""
+    from rich.table import Table
+
+    from .backends.chosen import describe_cpu, not_followed
+
+    choice = manifest.backend_choice
+    if choice is None:
+        console.print("CPU backend per component: not measured (`lcmrt build --engines-only FOLDER "
+                      "--choose-backends` measures it where OpenVINO is installed)")
+        return
+    raw = choice.data
+    versions = raw.get("versions") if isinstance(raw.get("versions"), dict) else {}
+    console.print(f"CPU backend per component, measured {_shown(raw, 'measured')} on {describe_cpu(choice.cpu)}, "
+                  f"{_shown(raw, 'threads')} threads, "
+                  + ", ".join(f"{k} {_shown(versions, k)}" for k in versions)
+                  + f"; median of {_shown(raw, 'runs')} runs:")
+    backends = sorted({b for entry in choice.components.values() for b in entry.seconds})
+    table = Table("component", "backend (auto)", *(f"{b} ms" for b in backends), "max abs diff")
+    for name, entry in choice.components.items():
+        table.add_row(name, entry.backend, *(f"{entry.seconds[b] * 1e3:.1f}" if b in entry.seconds else "-"
+                                             for b in backends),
+                      ", ".join(f"{b} {d:.1e}" for b, d in entry.max_abs_diff.items()) or "-")
+    console.print(table)
+    reason = not_followed(folder, choice)
+    console.print("backend 'auto' follows it on this machine" if reason is None else f"[yellow]{reason}[/yellow]")
 
 
 def _millions(n: float | None) -> str:

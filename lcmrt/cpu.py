@@ -21,20 +21,37 @@ INT8_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 INT8_SATURATING_FLAGS = frozenset({"avx2", "avx512bw"})
 
 
+def _cpuinfo_field(*keys: str) -> str:
+    """The first /proc/cpuinfo line starting with one of `keys`, after its colon ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(keys)), ":")
+    except OSError:
+        return ""
+    return line.split(":", 1)[1].strip()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The `flags` line of /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), ":")
-    except OSError:
-        return frozenset()
-    return frozenset(line.split(":", 1)[1].split())
+    return frozenset(_cpuinfo_field("flags", "Features").split())
 
 
 def cpu_description() -> dict:
     """The machine and the instruction-set flags of this CPU that matter to lcmrt's CPU graphs."""
     return {"machine": platform.machine(), "isa": sorted(cpu_flags() & ISA_FLAGS)}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), or the platform's processor string where /proc/cpuinfo has none."""
+    return _cpuinfo_field("model name", "Model", "Hardware") or platform.processor() or "unknown"
+
+
+def cpu_class() -> dict:
+    """What makes one CPU backend faster than another on a component: the machine, the CPU model and its
+    instruction sets. The build's backend choice holds on CPUs of the same class."""
+    return {**cpu_description(), "model": cpu_model()}
 
 
 def has_int8_vnni(isa) -> bool:

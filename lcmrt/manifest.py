@@ -551,6 +551,46 @@ class Engine:
                                                       f"{path}.refit.sha256", cmd), d)
 
 
+CHOICE_FIX = "Measure again with `lcmrt build --engines-only FOLDER --choose-backends`."
+
+
+@dataclass(frozen=True)
+class ComponentChoice:
+    """The CPU backend a component runs on under backend "auto", and what the build measured: seconds per run
+    (the median of its timed runs) and the largest difference from the first backend's output, per backend."""
+    backend: str
+    seconds: dict[str, float]
+    max_abs_diff: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The build's choice of CPU backend per component (`lcmrt.engines.backend_choice`): valid on a CPU of the
+    class it was measured on (`lcmrt.cpu.cpu_class`)."""
+    cpu: dict  # machine, model, isa
+    components: dict[str, ComponentChoice]
+    data: dict  # the raw entry: versions, runs, threads are shown by `lcmrt info`
+
+    @classmethod
+    def parse(cls, d, components: dict) -> "BackendChoice":
+        path, fix = "backend_choice", CHOICE_FIX
+        cpu = _field(d, "cpu", dict, path, fix=fix)
+        chosen = {}
+        for name, entry in _field(d, "components", dict, path, fix=fix).items():
+            where = f"{path}.components.{name}"
+            if name not in components:
+                raise _error(where, "names no component of this folder", fix)
+            seconds = {b: _check(v, float, f"{where}.seconds.{b}", fix)
+                       for b, v in _field(entry, "seconds", dict, where, fix=fix).items()}
+            diffs = {b: _check(v, float, f"{where}.max_abs_diff.{b}", fix)
+                     for b, v in _field(entry, "max_abs_diff", dict, where, {}, fix).items()}
+            backend = _field(entry, "backend", str, where, fix=fix)
+            if backend not in seconds:
+                raise _error(f"{where}.backend", f"is {backend!r}, which the build did not measure", fix)
+            chosen[name] = ComponentChoice(backend, seconds, diffs)
+        return cls(cpu, chosen, d)
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     path: str  # the tokenizer folder
@@ -696,6 +736,12 @@ class Manifest:
         return tuple(Engine.parse(e, f"engines[{i}]")
                      for i, e in enumerate(_field(self.data, "engines", list, "the document", [])))
 
+    @property
+    def backend_choice(self) -> BackendChoice | None:
+        """The CPU backend per component that the build measured fastest, or None (not measured)."""
+        entry = _field(self.data, "backend_choice", dict, "the document", None, CHOICE_FIX)
+        return None if entry is None else BackendChoice.parse(entry, self.components)
+
     # --- producers: the build stage edits a manifest through these, then writes it --------------------
     def set_variant(self, component: str, name: str, entry: dict) -> None:
         self.component(component).data.setdefault("variants", {})[name] = entry
@@ -708,3 +754,6 @@ class Manifest:
 
     def set_engines(self, entries: list[dict]) -> None:
         self.data["engines"] = list(entries)
+
+    def set_backend_choice(self, entry: dict) -> None:
+        self.data["backend_choice"] = entry

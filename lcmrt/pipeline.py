@@ -26,6 +26,7 @@ import numpy as np
 
 from .adapters import AdapterBank
 from .backends import get_backend
+from .backends.chosen import folder_backend
 from .errors import AdapterError, EngineFolderError, GenerationError, InputError
 from .families import TEXT_EMBEDS, TIME_IDS
 from .guidance import TIMESTEP_COND, guidance_embedding
@@ -151,16 +152,14 @@ class Pipeline:
     def load(cls, folder: str | Path, backend: str = "auto", adapters: dict[str, float] | None = None,
              **backend_options) -> "Pipeline":
         """Load an engine folder. `adapters` sets the refittable adapters' weights from the start
-        (default: the weights they were built with)."""
+        (default: the weights they were built with). `backend` "auto": TensorRT where the folder has engines
+        for this machine, ONNX Runtime's CUDA provider where installed, else on the CPU the backend per
+        component that the build measured fastest (`lcmrt.backends.chosen`)."""
         if adapters is not None:
             _check_adapter_types(adapters)
         folder = Path(folder)
         manifest = read_manifest(folder)
-        if backend == "auto" and any(e.backend == "tensorrt" for e in manifest.engines):
-            from .backends.tensorrt import TensorRTBackend
-
-            backend = "tensorrt" if TensorRTBackend.installed() else backend
-        engine = get_backend(backend, **backend_options)
+        engine = folder_backend(folder, manifest, backend, backend_options)
         bank = AdapterBank(folder, manifest)
         active = bank.check(bank.defaults() if adapters is None else adapters)
         initial = bank.weights_for({}, active)

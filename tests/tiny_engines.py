@@ -14,7 +14,10 @@ CROSS_GRAPH_ATOL = 1e-5
 
 
 def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, lcm=True, **overrides):
-    """Build an engine folder from the tiny model: LCM-LoRA at 1.0 (unless not `lcm`) plus the style LoRA."""
+    """Build an engine folder from the tiny model: LCM-LoRA at 1.0 (unless not `lcm`) plus the style LoRA. The
+    CPU backend choice is left out unless `engines` asks for it: on tiny graphs it is a coin toss, and tests
+    loading with backend "auto" expect ONNX Runtime."""
+    from lcmrt.engines.build import EngineRequest
     from lcmrt.export.build import BuildRequest, build_engine_folder
     from lcmrt.export.lora import LoraSpec
 
@@ -22,7 +25,7 @@ def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_W
     request = BuildRequest(model=str(tiny_model["model"]), out=out,
                            lcm_lora=LoraSpec(tiny_model["lcm_lora"], weight=1.0, name="lcm", role="lcm") if lcm else None,
                            loras=loras, height=TINY_HEIGHT, width=TINY_WIDTH, guidance_mode=guidance_mode,
-                           **overrides)
+                           **{"engines": EngineRequest(choose_backends=False), **overrides})
     build_engine_folder(request)
     return out
 

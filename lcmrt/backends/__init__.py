@@ -19,7 +19,8 @@ __all__ = ["BACKEND_NAMES", "Backend", "Session", "TensorSpec", "get_backend"]
 
 def get_backend(name: str = "auto", **options) -> Backend:
     """The backend called `name`; "auto" picks the best one installed (ONNX Runtime on CUDA where its CUDA
-    provider is installed, else on the CPU). `options` go to the backend (e.g. `threads=4`)."""
+    provider is installed, else on the CPU). `options` go to the backend (e.g. `threads=4`). `Pipeline.load`
+    decides "auto" per folder (`lcmrt.backends.chosen`): TensorRT engines, the build's CPU backend choice."""
     if name not in BACKEND_NAMES:
         raise BackendError(f"Unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
     if name == "tensorrt":
