@@ -8,7 +8,9 @@ Measures, for a folder built with `--refittable` (style adapter at 0.8) and one 
 swap latency of `set_adapters` in each ONNX Runtime refit mode (split into computing the weights and
 applying them), the steady-state UNet step of each (rounds reloading each contender in turn, medians),
 the outputs' difference, peak RSS of a process holding each folder (separate processes), and diffusers'
-own `load_lora_weights + set_adapters + fuse_lora` for the same swap.
+own `load_lora_weights + set_adapters + fuse_lora` for the same swap. For refit="background": the seconds
+until the session with the weights baked in takes over (after the load, after each swap) and the UNet steps
+run meanwhile, which share the 2 cores with that build.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def _load(name: str, fused_dir: str, refit_dir: str):
 
 
 def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 2,
-                    contenders=("fused", "refit-inputs", "refit-session")) -> dict:
+                    contenders=("fused", "refit-inputs", "refit-session", "refit-background")) -> dict:
     """UNet step of the fused folder and of the refit folder in each refit mode, in rounds that reload each
     in turn (holding two full-size folders at once needs ~16 GB), then swap timings per mode."""
     import gc
@@ -51,6 +53,7 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 
     feeds = unet_feeds(read_manifest(fused_dir))
     times = {name: [] for name in contenders}
     load_s = {name: [] for name in contenders}
+    settle_s = {name: [] for name in contenders}
     outputs, swaps = {}, {}
     for round_index in range(rounds):
         for name in contenders:
@@ -58,6 +61,9 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 
             start = time.perf_counter()
             unet, pipe = _load(name, fused_dir, refit_dir)
             load_s[name].append(time.perf_counter() - start)
+            if pipe is not None:  # refit="background": until the baked-in session takes over
+                pipe.settle()
+                settle_s[name].append(time.perf_counter() - start)
             unet.run(feeds)  # warm-up
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -68,7 +74,7 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 
             del unet, pipe
     step = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "load_s": load_s, "unet_step_s": step, "unet_step_runs_s": times,
+        "load_s": load_s, "load_until_settled_s": settle_s, "unet_step_s": step, "unet_step_runs_s": times,
         "step_vs_fused": {name: step[name] / step["fused"] for name in contenders},
         "max_abs_diff_vs_fused": {name: float(np.abs(outputs[name] - outputs["fused"]).max()) for name in contenders},
         "swaps": swaps,
@@ -84,7 +90,14 @@ def _swaps(pipe, feeds, output_at_08) -> dict:
         compute = time.perf_counter() - start
         start = time.perf_counter()
         pipe.set_adapters({"style": weight})
-        runs.append({"weight": weight, "compute_s": compute, "total_s": time.perf_counter() - start})
+        swapped = time.perf_counter()
+        steps_meanwhile = []  # refit="background": UNet steps while the baked-in session is being built
+        while not pipe.settle(timeout=0):
+            step_start = time.perf_counter()
+            pipe.sessions["unet"].run(feeds)
+            steps_meanwhile.append(time.perf_counter() - step_start)
+        runs.append({"weight": weight, "compute_s": compute, "total_s": swapped - start,
+                     "settled_s": time.perf_counter() - start, "steps_meanwhile_s": steps_meanwhile})
     back = pipe.sessions["unet"].run(feeds)["noise_pred"]
     return {"runs": runs, "median_s": statistics.median(r["total_s"] for r in runs),
             "back_to_0.8_bitwise": bool(np.array_equal(back, output_at_08))}
@@ -92,11 +105,12 @@ def _swaps(pipe, feeds, output_at_08) -> dict:
 
 def peak_rss_gb(folder: str, swap: bool = False, **load_options) -> float:
     """Peak RSS (VmHWM) of a fresh process that loads `folder` with `load_options` (`Pipeline.load`'s), runs
-    one UNet step and optionally one swap. VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork
+    one UNet step and optionally one swap (each waiting for a background build to finish). VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork
     and exec."""
     code = ("import json, sys, lcmrt; from benchmarks.refit_strategies import unet_feeds; "
-            "p = lcmrt.Pipeline.load(sys.argv[1], **json.loads(sys.argv[2])); p.sessions['unet'].run(unet_feeds(p.manifest)); "
-            "sys.argv[3] == '1' and p.set_adapters({'style': 0.5}); "
+            "p = lcmrt.Pipeline.load(sys.argv[1], **json.loads(sys.argv[2])); p.settle(); "
+            "p.sessions['unet'].run(unet_feeds(p.manifest)); "
+            "sys.argv[3] == '1' and (p.set_adapters({'style': 0.5}), p.settle()); "
             "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
     out = subprocess.run([sys.executable, "-c", code, folder, json.dumps(load_options), "1" if swap else "0"],
                          check=True, capture_output=True, text=True).stdout
@@ -140,7 +154,7 @@ def main():
     # peak RSS first, while this process is small
     result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused),
                               **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, swap, refit=mode)
-                                 for mode in ("inputs", "session") for swap in (False, True)}}}
+                                 for mode in ("inputs", "session", "background") for swap in (False, True)}}}
     result["folders"] = compare_folders(args.fused, args.refit, args.repeats)
     result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
     text = json.dumps(result, indent=2)

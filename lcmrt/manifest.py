@@ -556,10 +556,12 @@ CHOICE_FIX = "Measure again with `lcmrt build --engines-only FOLDER --choose-bac
 
 @dataclass(frozen=True)
 class ComponentChoice:
-    """The CPU backend a component runs on under backend "auto", and what the build measured: seconds per run
-    (the median of its timed runs) and the largest difference from the first backend's output, per backend."""
+    """The CPU backend a component runs on under backend "auto", and what the build measured per backend:
+    seconds per run (median), time over ONNX Runtime's (median of per-round ratios) and the largest
+    difference from ONNX Runtime's output."""
     backend: str
     seconds: dict[str, float]
+    ratios: dict[str, float]
     max_abs_diff: dict[str, float]
 
 
@@ -582,12 +584,13 @@ class BackendChoice:
                 raise _error(where, "names no component of this folder", fix)
             seconds = {b: _check(v, float, f"{where}.seconds.{b}", fix)
                        for b, v in _field(entry, "seconds", dict, where, fix=fix).items()}
-            diffs = {b: _check(v, float, f"{where}.max_abs_diff.{b}", fix)
-                     for b, v in _field(entry, "max_abs_diff", dict, where, {}, fix).items()}
+            ratios, diffs = ({b: _check(v, float, f"{where}.{key}.{b}", fix)
+                              for b, v in _field(entry, key, dict, where, {}, fix).items()}
+                             for key in ("ratios", "max_abs_diff"))
             backend = _field(entry, "backend", str, where, fix=fix)
             if backend not in seconds:
                 raise _error(f"{where}.backend", f"is {backend!r}, which the build did not measure", fix)
-            chosen[name] = ComponentChoice(backend, seconds, diffs)
+            chosen[name] = ComponentChoice(backend, seconds, ratios, diffs)
         return cls(cpu, chosen, d)
 
 

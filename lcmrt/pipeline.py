@@ -213,6 +213,13 @@ class Pipeline:
                 with self._cache_lock:
                     self._prompt_cache.clear()
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every component runs at its full speed after a load or `set_adapters` (refit="background"
+        builds sessions with the adapter weights baked in); False if `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return all(session.settle(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for session in list(self.sessions.values()))
+
     @property
     def supports_guidance(self) -> bool:
         """guidance_scale > 1 works: by classifier-free guidance, or as the input of a distilled LCM UNet."""

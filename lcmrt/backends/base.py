@@ -61,6 +61,11 @@ class Session(ABC):
         """Replace graph weights (by graph initializer name) in place. Only refittable folders need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot refit weights")
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until work a refit left running in the background (a faster session being built) is done; False
+        if `timeout` seconds passed first. Sessions without such work return True at once."""
+        return True
+
 
 class Backend(ABC):
     name: str

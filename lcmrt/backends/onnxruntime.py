@@ -43,7 +43,7 @@ _ONNX_DTYPES = {
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
 PRECISIONS = GRAPH_PRECISIONS
-REFIT_MODES = ("auto", "inputs", "session")
+REFIT_MODES = ("auto", "inputs", "session", "background")
 _LISTED = 5  # names shown in an error before "..."
 
 
@@ -78,8 +78,11 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"refit must be one of {', '.join(REFIT_MODES)}, got {refit!r}.")
         # How adapter weights reach a refittable graph. "inputs": fed with every run (a swap costs only the
         # weight computation; ONNX Runtime cannot pre-pack those weights). "session": baked into a new
-        # session (full speed between swaps; a swap costs a session creation). GPU providers keep weights
-        # on the device, so they take "session".
+        # session (full speed between swaps; a swap costs a session creation). "background" (CPU): as
+        # "inputs" at once, and a session with the weights baked in is built in a background thread and
+        # takes over when ready. GPU providers keep weights on the device, so they take "session".
+        if refit == "background" and device != "cpu":
+            raise BackendError("refit='background' is for the CPU provider; GPU providers refit by session.")
         self.refit = refit if refit != "auto" else ("inputs" if device == "cpu" else "session")
 
     @staticmethod
@@ -90,11 +93,15 @@ class OnnxRuntimeBackend(Backend):
     def load(self, folder: Path, manifest: Manifest | dict, component: str, weights: dict | None = None) -> OrtSession:
         folder, manifest = Path(folder), Manifest.of(manifest)
         variants = manifest.component(component).variants
-        if self.refit == "inputs" and REFIT_INPUTS in variants and self.precision == FP32:
+        if self.refit in ("inputs", "background") and REFIT_INPUTS in variants and self.precision == FP32:
             path = verify_component(folder, manifest, component, REFIT_INPUTS)
             check_external_data(path, set(variants[REFIT_INPUTS].sha256))
+            fused_graph = None
+            if self.refit == "background":  # the plain graph, which the background session bakes weights into
+                fused_graph = verify_component(folder, manifest, component, FP32)
+                check_external_data(fused_graph, set(manifest.component(component).graph_fp32.sha256))
             session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
-                                 weight_inputs=list(variants[REFIT_INPUTS].weight_inputs))
+                                 weight_inputs=list(variants[REFIT_INPUTS].weight_inputs), fused_graph=fused_graph)
             session.precision = variants[REFIT_INPUTS].precision
             return session
         variant = self.precision
@@ -138,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
 class OrtSession(Session):
     def __init__(self, path: Path, component: str, providers: list, threads: int | None,
                  weights: dict[str, np.ndarray] | None = None, device_id: int = 0, optimize: bool = True,
-                 weight_inputs: list[str] | None = None, prepack: bool = True):
+                 weight_inputs: list[str] | None = None, prepack: bool = True, fused_graph: Path | None = None):
         self.path = Path(path)
         self.component = component
         self._providers = providers
@@ -157,6 +164,15 @@ class OrtSession(Session):
         self._weight_version = 0  # bumped when _weight_feeds change, so device bindings copy them in again
         self._weights = self._checked(weights) if weights and not self._weight_inputs else {}
         self._session = self._create(self._weights)
+        # refit="background": the plain graph, a session of it with the weight feeds baked in once built
+        # (version, session), and the thread building it
+        self._fused_graph = None if fused_graph is None else Path(fused_graph)
+        self._fused: tuple[int, ort.InferenceSession] | None = None
+        self._fuser: threading.Thread | None = None
+        self._fuse_error: Exception | None = None
+        self._fuse_lock = threading.Condition()
+        if self._fused_graph is not None:
+            self._check_fusable()
         # ONNX Runtime lists initializers that are also graph inputs apart from the inputs, as overridable
         self._weight_specs = {arg.name: self._spec(arg) for arg in self._session.get_overridable_initializers()
                               if arg.name in self._weight_inputs}
@@ -166,6 +182,8 @@ class OrtSession(Session):
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
         self._device_id = device_id
         self._binding = self._new_binding()
+        if self._fused_graph is not None and not weights:
+            self._fuse_in_background()  # with weights, refit() above started it
         # A device binding's buffers are shared by all runs (a concurrent run would overwrite this one's inputs
         # and outputs), so GPU runs take this lock; CPU runs need none (InferenceSession.run is thread safe).
         self._run_lock = threading.Lock()
@@ -174,9 +192,11 @@ class OrtSession(Session):
         """GPU providers exchange data through fixed device buffers (I/O binding), bound once per shape."""
         return None if self.provider == "CPUExecutionProvider" else DeviceBinding(self, "cuda", self._device_id)
 
-    def _create(self, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+    def _create(self, weights: dict[str, np.ndarray], path: Path | None = None) -> ort.InferenceSession:
+        """A session of this graph (or of `path`, the plain graph a background session bakes weights into)."""
+        path = path or self.path
         options = ort.SessionOptions()
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self._optimize
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self._optimize or path != self.path
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if self._threads is not None:
             options.intra_op_num_threads = self._threads
@@ -187,16 +207,16 @@ class OrtSession(Session):
             options.enable_cpu_mem_arena = False
         if not self._prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        if self._weight_inputs:
+        if self._weight_inputs and path == self.path:
             options.log_severity_level = 3  # not one warning per weight input: they are inputs on purpose
         if weights:
             options.add_external_initializers(
                 list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as e:  # onnxruntime's own exception types do not share a useful base class
             raise BackendError(
-                f"ONNX Runtime could not load the {self.component} graph {self.path}: {e}. "
+                f"ONNX Runtime could not load the {self.component} graph {path}: {e}. "
                 "If the file is damaged, rebuild the folder with `lcmrt build`.") from e
         if self.provider not in session.get_providers():
             # ONNX Runtime falls back to the CPU with only a log line when a GPU provider fails to start.
@@ -222,7 +242,11 @@ class OrtSession(Session):
             if self._binding is not None:
                 with self._run_lock:
                     return self._binding.run(feeds)
-            values = self._session.run(list(self.outputs), {**feeds, **self._weight_feeds})
+            fused = self._fused
+            if fused is not None and fused[0] == self._weight_version:
+                values = fused[1].run(list(self.outputs), feeds)
+            else:
+                values = self._session.run(list(self.outputs), {**feeds, **self._weight_feeds})
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed to run {self.component} ({self.path.name}): {e}") from e
         return dict(zip(self.outputs, values))
@@ -238,14 +262,68 @@ class OrtSession(Session):
                 "The onnxruntime-trt backend cannot refit weights: its engine cache would keep the old "
                 "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
         if self._weight_inputs:
-            self._weight_feeds = {**self._weight_feeds, **self._checked_inputs(weights)}
-            self._weight_version += 1
+            feeds = {**self._weight_feeds, **self._checked_inputs(weights)}
+            with self._fuse_lock:
+                self._weight_feeds, self._fused = feeds, None  # the old baked session is stale: free it now
+                self._weight_version += 1
+            if self._fused_graph is not None:
+                self._fuse_in_background()
             return
         arrays = self._checked(weights)
         merged = {**self._weights, **arrays}
         session = self._create(merged)
         self._session, self._weights = session, merged
         self._binding = self._new_binding()  # buffers and captured graphs belong to the old session
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """refit="background": wait until the session with the current weights baked in runs (True), or
+        `timeout` seconds pass (False). A failed background build raises its BackendError here."""
+        with self._fuse_lock:
+            done = self._fuse_lock.wait_for(lambda: self._fused_graph is None or self._fuse_error is not None
+                                            or (self._fused is not None and self._fused[0] == self._weight_version),
+                                            timeout)
+            if self._fuse_error is not None:
+                raise BackendError(f"Building the {self.component} session with the adapter weights baked in "
+                                   f"failed ({self._fuse_error}); runs go on with the weights as inputs. Load with "
+                                   "refit='inputs' to skip it.") from self._fuse_error
+            return done
+
+    def _check_fusable(self) -> None:
+        """Every weight input must be an initializer the plain graph keeps as external data, so ONNX Runtime can
+        replace it (`add_external_initializers`): check once, not in a background thread."""
+        table = read_initializers(self._fused_graph)
+        bad = [name for name in self._weight_inputs if name not in table or table[name][1] is None]
+        if bad:
+            raise BackendError(f"{self._fused_graph.name} cannot take {len(bad)} weight input(s) of {self.path.name} "
+                               f"as external initializers ({_some(bad)}). Rebuild the folder with `lcmrt build "
+                               "--refittable`, or load with refit='inputs'.")
+
+    def _fuse_in_background(self) -> None:
+        with self._fuse_lock:
+            if self._fuser is None:
+                self._fuse_error = None
+                self._fuser = threading.Thread(target=self._fuse, name=f"lcmrt-fuse-{self.component}", daemon=True)
+                self._fuser.start()
+
+    def _fuse(self) -> None:
+        """Build sessions with the weight feeds baked in until one matches the current weights, then stop;
+        a refit meanwhile makes the session being built stale, and the loop builds again."""
+        while True:
+            with self._fuse_lock:
+                version, weights = self._weight_version, self._weight_feeds
+            try:
+                session = self._create(weights, self._fused_graph)
+            except Exception as e:
+                with self._fuse_lock:
+                    self._fuse_error, self._fuser = e, None
+                    self._fuse_lock.notify_all()
+                return
+            with self._fuse_lock:
+                if version == self._weight_version:
+                    self._fused, self._fuser = (version, session), None
+                    self._fuse_lock.notify_all()
+                    return
+            del session
 
     def _checked_inputs(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Weights for the graph's weight inputs, checked against their names, shapes and dtypes."""

@@ -17,7 +17,7 @@ from lcmrt.backends.openvino import OvSession
 from lcmrt.backends.onnxruntime import OrtSession
 from lcmrt.cli import cli
 from lcmrt.cpu import cpu_class
-from lcmrt.engines.backend_choice import MARGIN, pick
+from lcmrt.engines.backend_choice import MARGIN, ROUNDS, RUNS, pick
 from lcmrt.engines.build import EngineRequest, add_engines
 from lcmrt.errors import BackendError, EngineFolderError
 from lcmrt.manifest import MANIFEST_NAME, read_manifest
@@ -51,17 +51,19 @@ def with_choice(folder, tmp_path, backends: dict | None = None, **fields):
 
 def test_the_build_records_each_component_on_each_backend(measured):
     choice = read_manifest(measured).backend_choice
-    assert choice.cpu == cpu_class() and choice.data["runs"] == 3 and set(choice.data["versions"]) == set(CPU_BACKENDS)
+    assert choice.cpu == cpu_class() and set(choice.data["versions"]) == set(CPU_BACKENDS)
+    assert (choice.data["runs"], choice.data["rounds"]) == (RUNS, ROUNDS)
     assert set(choice.components) == set(read_manifest(measured).components)
     for name, entry in choice.components.items():
-        assert set(entry.seconds) == set(CPU_BACKENDS) and all(s > 0 for s in entry.seconds.values())
+        assert set(entry.seconds) == set(entry.ratios) == set(CPU_BACKENDS) and entry.ratios["onnxruntime"] == 1.0
+        assert all(s > 0 for s in entry.seconds.values())
         assert entry.max_abs_diff["openvino"] <= OPENVINO_ATOL  # the same outputs, measured on the same inputs
-        assert entry.backend == pick(entry.seconds, entry.max_abs_diff, 1.0)
+        assert entry.backend == pick(entry.ratios, entry.max_abs_diff, 1.0)
         print(f"{name}: {entry.seconds} -> {entry.backend}")
 
 
 def test_the_rule_takes_a_clearly_faster_backend_with_the_same_outputs():
-    assert pick({"onnxruntime": 1.0, "openvino": 0.9}, {"openvino": 1e-6}, 1.0) == "openvino"
+    assert pick({"onnxruntime": 1.0, "openvino": 0.9}, {"openvino": 1e-6}, 1.0) == "openvino"  # time ratios
     # within the margin: not worth a second runtime
     assert pick({"onnxruntime": 1.0, "openvino": MARGIN + 0.01}, {"openvino": 1e-6}, 1.0) == "onnxruntime"
     assert pick({"onnxruntime": 1.0, "openvino": 2.0}, {"openvino": 1e-6}, 1.0) == "onnxruntime"

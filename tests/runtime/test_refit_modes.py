@@ -2,6 +2,7 @@
 into a re-created session. Same images either way (up to float32 rounding); inputs swap without a new session."""
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -63,3 +64,71 @@ def test_adapter_add_extends_the_weight_inputs(tiny_refit_engine, tiny_model, tm
 def test_unknown_refit_mode(tiny_refit_engine):
     with pytest.raises(BackendError, match="refit must be one of"):
         lcmrt.Pipeline.load(tiny_refit_engine, refit="sometimes")
+
+
+def _gated_builds(monkeypatch):
+    """Hold refit="background" session builds (those of the plain graph) until the returned event is set; the
+    list collects the weight sets they bake in."""
+    from lcmrt.backends.onnxruntime import OrtSession
+
+    gate, built, create = threading.Event(), [], OrtSession._create
+
+    def gated(self, weights, path=None):
+        if path is not None and path != self.path:
+            assert gate.wait(60)
+            built.append(dict(weights))
+        return create(self, weights, path)
+
+    monkeypatch.setattr(OrtSession, "_create", gated)
+    return gate, built
+
+
+def test_background_swaps_at_once_then_runs_the_baked_in_session(tiny_refit_engine, monkeypatch):
+    gate, built = _gated_builds(monkeypatch)
+    background = lcmrt.Pipeline.load(tiny_refit_engine, refit="background")
+    inputs = lcmrt.Pipeline.load(tiny_refit_engine, refit="inputs")
+    session = lcmrt.Pipeline.load(tiny_refit_engine, refit="session")
+    kw = dict(seed=9, output="np", guidance_scale=1.5)
+    first = session("a fox", **kw)
+    assert not background.settle(timeout=0.2)  # the build is held: runs go through the weight inputs
+    np.testing.assert_array_equal(background("a fox", **kw), inputs("a fox", **kw))
+    for pipe in (background, inputs, session):
+        pipe.set_adapters({"style": 1.2})  # the build under way now bakes in stale weights
+    np.testing.assert_array_equal(background("a fox", **kw), inputs("a fox", **kw))  # the swap is in at once
+    gate.set()
+    assert background.settle(timeout=60)
+    unet = background.sessions["unet"]
+    assert unet._fused is not None and unet._fused[0] == unet._weight_version and unet._fuser is None
+    assert len(built) >= 2  # the stale build was thrown away and the current weights built again
+    # settled: the plain graph with the weights baked in, as refit="session" runs it
+    image = background("a fox", **kw)
+    np.testing.assert_array_equal(image, session("a fox", **kw))
+    assert np.abs(image - first).max() > 100 * CROSS_GRAPH_ATOL
+    background.set_adapters({"style": 0.8})
+    assert background.settle(timeout=60)
+    np.testing.assert_array_equal(background("a fox", **kw), first)  # A -> B -> A, bit for bit, once settled
+
+
+def test_a_failed_background_build_keeps_the_weight_inputs(tiny_refit_engine, monkeypatch):
+    from lcmrt.backends.onnxruntime import OrtSession
+
+    create = OrtSession._create
+
+    def failing(self, weights, path=None):
+        if path is not None and path != self.path:
+            raise BackendError("simulated: out of memory")
+        return create(self, weights, path)
+
+    monkeypatch.setattr(OrtSession, "_create", failing)
+    background = lcmrt.Pipeline.load(tiny_refit_engine, refit="background")
+    with pytest.raises(BackendError, match="simulated: out of memory.*runs go on with the weights as inputs"):
+        background.settle(timeout=60)
+    background.set_adapters({"style": 0.3})
+    inputs = lcmrt.Pipeline.load(tiny_refit_engine, refit="inputs", adapters={"style": 0.3})
+    np.testing.assert_array_equal(background("a fox", seed=2, output="np"), inputs("a fox", seed=2, output="np"))
+
+
+def test_background_is_a_cpu_mode_and_other_modes_are_settled(tiny_refit_engine, ort_cuda_standin):
+    assert lcmrt.Pipeline.load(tiny_refit_engine).settle(timeout=0)  # nothing runs in the background
+    with pytest.raises(BackendError, match="refit='background' is for the CPU provider"):
+        lcmrt.Pipeline.load(tiny_refit_engine, backend="onnxruntime-cuda", refit="background")
