@@ -2,7 +2,8 @@
 
     python -m benchmarks.compare --arch sd15 --size full --height 512 --width 512 --steps 4 --guidance 1.0
 
-Contenders: lcmrt on every backend this machine has; diffusers eager StableDiffusionPipeline + LCMScheduler
+Contenders: lcmrt on every backend this machine has (and "auto" where the folder's build chose different CPU
+backends for its components); diffusers eager StableDiffusionPipeline + LCMScheduler
 at the same steps; diffusers eager with the model's default scheduler at --baseline-steps (its usual way of
 running, guidance --baseline-guidance); Optimum's ORTStableDiffusionPipeline + LCMScheduler on Optimum's
 own ONNX export of the same fused model. Each contender runs in a child process per round (its peak RSS is
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +70,9 @@ def log(message: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def lcmrt_backends() -> list[str]:
-    """Every lcmrt backend that can start here (aliases of one another left out)."""
+def lcmrt_backends(folder: Path | None = None) -> list[str]:
+    """Every lcmrt backend that can start here (aliases of one another left out), and "auto" where it runs
+    `folder`'s components on different backends (the build's backend choice)."""
     found, seen = [], set()
     for name in BACKEND_NAMES:
         if name in ("auto", "onnxruntime"):
@@ -81,6 +84,13 @@ def lcmrt_backends() -> list[str]:
         if backend.name not in seen:
             seen.add(backend.name)
             found.append(name)
+    if folder is not None:
+        from lcmrt.backends.chosen import folder_backend
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # another CPU: "auto" is then ONNX Runtime, measured already
+            if folder_backend(folder, read_manifest(folder), "auto", {}).name.startswith("auto("):
+                found.append("auto")
     return found
 
 
@@ -138,7 +148,7 @@ def make_cases(args, paths) -> tuple[list[Case], list[str]]:
     cases = []
     for batch in args.batch_sizes:
         if "lcmrt" in args.contenders:
-            for backend in lcmrt_backends():
+            for backend in lcmrt_backends(paths["folders"][batch]):
                 cases.append(Case(f"lcmrt/{backend}", "lcmrt", batch, dict(
                     common, folder=str(paths["folders"][batch]), backend=backend, num_images=batch),
                     repeats=args.repeats))

@@ -156,3 +156,11 @@ def test_the_cli_measures_and_info_shows_the_choice(tiny_engine, tmp_path):
     assert result.exit_code == 0 and "backend 'auto' follows it on this machine" in result.output
     assert all(f"{name} " in result.output and entry.backend in result.output
                for name, entry in choice.components.items())
+
+
+def test_the_harness_measures_auto_where_it_mixes_backends(measured, tmp_path):
+    from benchmarks.compare import lcmrt_backends
+
+    mixed = lcmrt_backends(with_choice(measured, tmp_path / "mixed", {"unet": "openvino"}))
+    assert mixed[-1] == "auto" and {"onnxruntime-cpu", "openvino"} <= set(mixed)
+    assert "auto" not in lcmrt_backends(with_choice(measured, tmp_path / "plain", {}))
