@@ -152,7 +152,7 @@ def main():
     args = parser.parse_args()
 
     # peak RSS first, while this process is small
-    result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused),
+    result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused, backend="onnxruntime"),  # the UNet compare_folders times
                               **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, swap, refit=mode)
                                  for mode in ("inputs", "session", "background") for swap in (False, True)}}}
     result["folders"] = compare_folders(args.fused, args.refit, args.repeats)

@@ -10,7 +10,10 @@ difference from ONNX Runtime's output, and the choice in the manifest (`backend_
 
 One backend's session is loaded at a time, so measuring needs no more memory than running. A backend must
 beat ONNX Runtime, the default, by `MARGIN` to be chosen: a difference within a noisy machine's spread is
-not worth a second runtime's memory.
+not worth a second runtime. The choice weighs speed only; the resident memory each backend's session adds
+(anonymous and file-backed pages: OpenVINO keeps its model file mapped beside its repacked weights) is
+recorded and shown by `lcmrt info`, so the trade-off is visible. Measure on an otherwise idle machine: ONNX
+Runtime's spinning thread pool loses more than OpenVINO's when other processes compete for the cores.
 """
 from __future__ import annotations
 
@@ -48,6 +51,16 @@ def time_session(session, feeds: dict[str, np.ndarray], runs: int) -> tuple[floa
     return statistics.median(seconds), outputs
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now, anonymous and file-backed pages (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return 0
+    return sum(int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssFile") if key in fields)
+
+
 def max_abs_diff(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(outputs[name].astype(np.float64) - value))) for name, value in reference.items())
 
@@ -69,12 +82,15 @@ def measure_component(folder, manifest: Manifest, component: str, backends, runs
     backend's time is the median over rounds, and its ratio to ONNX Runtime the median of per-round ratios."""
     feeds = example_inputs(manifest, component, SEED, _vocab_size(folder, manifest), smallest_batch=True)
     per_round = {name: [] for name in backends}
+    held = dict.fromkeys(backends, 0)  # resident memory a loaded, run session adds, the largest over rounds
     diffs, reference, peak = {}, None, 0.0
     for round_index in range(rounds):
         for name in backends if round_index % 2 == 0 else backends[::-1]:
+            before = resident_bytes()
             session = get_backend(name).load(folder, manifest, component)
             seconds, outputs = time_session(session, feeds, runs)
             per_round[name].append(seconds)
+            held[name] = max(held[name], resident_bytes() - before)
             del session
             gc.collect()  # the next backend loads into the memory this one held
             if reference is None:  # round 0 starts with ONNX Runtime
@@ -86,7 +102,7 @@ def measure_component(folder, manifest: Manifest, component: str, backends, runs
               for name, times in per_round.items()}
     return {"backend": pick(ratios, diffs, peak),
             "seconds": {name: statistics.median(times) for name, times in per_round.items()},
-            "ratios": ratios, "max_abs_diff": diffs}
+            "ratios": ratios, "max_abs_diff": diffs, "resident_bytes": held}
 
 
 def choose_backends(folder, manifest: Manifest | dict, runs: int = RUNS, rounds: int = ROUNDS, log=None) -> dict:

@@ -391,10 +391,12 @@ def _print_backend_choice(console, folder: Path, manifest) -> None:
                   + ", ".join(f"{k} {_shown(versions, k)}" for k in versions)
                   + f"; median of {_shown(raw, 'runs')} runs:")
     backends = sorted({b for entry in choice.components.values() for b in entry.seconds})
-    table = Table("component", "backend (auto)", *(f"{b} ms" for b in backends), "max abs diff")
+    table = Table("component", "backend (auto)", *(f"{b} ms" for b in backends), *(f"{b} MB held" for b in backends),
+                  "max abs diff")
     for name, entry in choice.components.items():
-        table.add_row(name, entry.backend, *(f"{entry.seconds[b] * 1e3:.1f}" if b in entry.seconds else "-"
-                                             for b in backends),
+        table.add_row(name, entry.backend,
+                      *(f"{entry.seconds[b] * 1e3:.1f}" if b in entry.seconds else "-" for b in backends),
+                      *(f"{entry.resident_bytes[b] / 1e6:.0f}" if b in entry.resident_bytes else "-" for b in backends),
                       ", ".join(f"{b} {d:.1e}" for b, d in entry.max_abs_diff.items()) or "-")
     console.print(table)
     reason = not_followed(folder, choice)

@@ -557,12 +557,13 @@ CHOICE_FIX = "Measure again with `lcmrt build --engines-only FOLDER --choose-bac
 @dataclass(frozen=True)
 class ComponentChoice:
     """The CPU backend a component runs on under backend "auto", and what the build measured per backend:
-    seconds per run (median), time over ONNX Runtime's (median of per-round ratios) and the largest
-    difference from ONNX Runtime's output."""
+    seconds per run (median), time over ONNX Runtime's (median of per-round ratios), the largest difference
+    from ONNX Runtime's output and the resident memory its session added."""
     backend: str
     seconds: dict[str, float]
     ratios: dict[str, float]
     max_abs_diff: dict[str, float]
+    resident_bytes: dict[str, float]  # memory a loaded session added
 
 
 @dataclass(frozen=True)
@@ -587,10 +588,12 @@ class BackendChoice:
             ratios, diffs = ({b: _check(v, float, f"{where}.{key}.{b}", fix)
                               for b, v in _field(entry, key, dict, where, {}, fix).items()}
                              for key in ("ratios", "max_abs_diff"))
+            held = {b: _check(v, float, f"{where}.resident_bytes.{b}", fix)
+                    for b, v in _field(entry, "resident_bytes", dict, where, {}, fix).items()}
             backend = _field(entry, "backend", str, where, fix=fix)
             if backend not in seconds:
                 raise _error(f"{where}.backend", f"is {backend!r}, which the build did not measure", fix)
-            chosen[name] = ComponentChoice(backend, seconds, ratios, diffs)
+            chosen[name] = ComponentChoice(backend, seconds, ratios, diffs, held)
         return cls(cpu, chosen, d)
 
 

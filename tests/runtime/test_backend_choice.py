@@ -56,7 +56,7 @@ def test_the_build_records_each_component_on_each_backend(measured):
     assert set(choice.components) == set(read_manifest(measured).components)
     for name, entry in choice.components.items():
         assert set(entry.seconds) == set(entry.ratios) == set(CPU_BACKENDS) and entry.ratios["onnxruntime"] == 1.0
-        assert all(s > 0 for s in entry.seconds.values())
+        assert all(s > 0 for s in entry.seconds.values()) and set(entry.resident_bytes) == set(CPU_BACKENDS)
         assert entry.max_abs_diff["openvino"] <= OPENVINO_ATOL  # the same outputs, measured on the same inputs
         assert entry.backend == pick(entry.ratios, entry.max_abs_diff, 1.0)
         print(f"{name}: {entry.seconds} -> {entry.backend}")
@@ -156,6 +156,7 @@ def test_the_cli_measures_and_info_shows_the_choice(tiny_engine, tmp_path):
     assert result.exit_code == 0 and "backend 'auto' follows it on this machine" in result.output
     assert all(f"{name} " in result.output and entry.backend in result.output
                for name, entry in choice.components.items())
+    assert "openvino MB held" in result.output
 
 
 def test_the_harness_measures_auto_where_it_mixes_backends(measured, tmp_path):
