@@ -20,6 +20,7 @@ import numpy as np
 
 from ..adapters import map_base
 from ..errors import BackendError
+from ..mapped_files import files_or_under, page_out
 from ..manifest import FP32, OPENVINO, REFIT_INPUTS, VERIFIED_CACHE, Manifest, verify_component
 from .base import Backend, Session, TensorSpec, describe
 
@@ -69,37 +70,45 @@ class OpenVinoBackend(Backend):
         entry = manifest.component(component)
         if OPENVINO in entry.variants:
             path = verify_component(folder, manifest, component, OPENVINO)
-            model = self._read(path, entry.variants[OPENVINO].sha256, component)
+            files = entry.variants[OPENVINO].sha256
         else:  # a folder built without OpenVINO installed: OpenVINO reads the ONNX graph itself
             from .onnxruntime import check_external_data
 
             path = verify_component(folder, manifest, component, FP32)
-            check_external_data(path, set(entry.graph_fp32.sha256))
-            model = self._read(path, entry.graph_fp32.sha256, component)
+            files = entry.graph_fp32.sha256
+            check_external_data(path, set(files))
+        if path.suffix == ".xml" and path.with_suffix(".bin").name not in files:
+            # OpenVINO reads the .bin next to the .xml: only a hashed one
+            raise BackendError(f"{path} has no hashed weight file {path.with_suffix('.bin').name}. Rebuild the "
+                               "folder with `lcmrt build`.")
         names = entry.variants[REFIT_INPUTS].weight_inputs if REFIT_INPUTS in entry.variants else ()
         base = {e.weight: e for e in manifest.refit_map.values() if e.component == component and e.weight in names}
-        refittable = _weights_to_inputs(self.ov, model, set(base))
+        if base:  # weights to turn into inputs: edit the model in memory
+            model = self._read(path, component)
+            refittable = _weights_to_inputs(self.ov, model, set(base))
+        else:  # compiled from the file: a cached compiled model is found without reading (and hashing) the weights
+            model, refittable = str(path), {}
         try:
             compiled = self.core.compile_model(model, "CPU", self.config)
         except Exception as e:  # OpenVINO raises RuntimeError with its own message
-            raise BackendError(f"OpenVINO could not compile the {component} graph {path.name}: {e}") from e
+            raise BackendError(f"OpenVINO could not compile the {component} graph {path.name}: {e}. If the file is "
+                               "damaged, rebuild the folder with `lcmrt build`.") from e
+        # what it read the weights from: the saved model's .bin, or the compiled blob in the model cache (never
+        # another backend's files: ONNX Runtime reads its mapped weights at every run)
+        mapped = files_or_under([path.with_suffix(".bin")] if path.suffix == ".xml" else [],
+                                [self.config["CACHE_DIR"]] if "CACHE_DIR" in self.config else [])
+        page_out(mapped)  # so the next component's import does not add its pages to these
         session = OvSession(self.ov, compiled, component, path, entry,
-                            {name: map_base(folder, base[name], mode="c") for name in refittable})
+                            {name: map_base(folder, base[name], mode="c") for name in refittable}, mapped)
         if weights:
             session.refit(weights)
         return session
 
-    def _read(self, path: Path, files: dict, component: str):
-        weights = path.with_suffix(".bin")
+    def _read(self, path: Path, component: str):
         try:
             if path.suffix == ".xml":
-                if weights.name not in files:  # OpenVINO reads the .bin next to the .xml: only a hashed one
-                    raise BackendError(f"{path} has no hashed weight file {weights.name}. Rebuild the folder with "
-                                       "`lcmrt build`.")
-                return self.core.read_model(str(path), str(weights))
+                return self.core.read_model(str(path), str(path.with_suffix(".bin")))
             return self.core.read_model(str(path))
-        except BackendError:
-            raise
         except Exception as e:
             raise BackendError(f"OpenVINO could not read the {component} graph {path}: {e}. If the file is damaged, "
                                "rebuild the folder with `lcmrt build`.") from e
@@ -132,8 +141,9 @@ def _weights_to_inputs(ov, model, names: set[str]) -> dict[str, tuple]:
 
 
 class OvSession(Session):
-    def __init__(self, ov, compiled, component: str, path: Path, entry, base: dict[str, np.ndarray]):
+    def __init__(self, ov, compiled, component: str, path: Path, entry, base: dict[str, np.ndarray], mapped=None):
         self.ov, self.compiled, self.component, self.path = ov, compiled, component, Path(path)
+        self._mapped = mapped  # after the first run: page out the files OpenVINO read its weights from
         # the graph's own inputs and outputs, as the manifest records them (dimension names included)
         self.inputs = {t.name: TensorSpec(t.name, t.shape, np.dtype(t.dtype)) for t in entry.inputs}
         self.outputs = {t.name: TensorSpec(t.name, t.shape, np.dtype(t.dtype)) for t in entry.outputs}
@@ -152,12 +162,16 @@ class OvSession(Session):
             for name, value in feeds.items():
                 request.set_tensor(name, self.ov.Tensor(np.ascontiguousarray(value)))  # a copy: feeds may be read-only
             request.infer()
-            return {name: request.get_tensor(name).data.copy() for name in self.outputs}
+            outputs = {name: request.get_tensor(name).data.copy() for name in self.outputs}
         except Exception as e:
             raise BackendError(f"OpenVINO failed to run {self.component} ({self.path.name}): {e}") from e
         finally:
             with self._lock:
                 self._idle.append(slot)
+        if self._mapped is not None:  # its weights are repacked by now: drop the file pages it read them from
+            mapped, self._mapped = self._mapped, None
+            page_out(mapped)
+        return outputs
 
     def _take(self) -> list:
         with self._lock:
