@@ -132,3 +132,24 @@ def test_background_is_a_cpu_mode_and_other_modes_are_settled(tiny_refit_engine,
     assert lcmrt.Pipeline.load(tiny_refit_engine).settle(timeout=0)  # nothing runs in the background
     with pytest.raises(BackendError, match="refit='background' is for the CPU provider"):
         lcmrt.Pipeline.load(tiny_refit_engine, backend="onnxruntime-cuda", refit="background")
+
+
+def test_background_builds_at_load_without_adapter_weights(tiny_refit_engine):
+    """The style switched off at load: no weights to feed, yet the baked-in session is built and taken."""
+    background = lcmrt.Pipeline.load(tiny_refit_engine, refit="background", adapters={"style": 0.0})
+    session = lcmrt.Pipeline.load(tiny_refit_engine, refit="session", adapters={"style": 0.0})
+    assert background.settle(timeout=60) and background.sessions["unet"]._fused is not None
+    np.testing.assert_array_equal(background("a fox", seed=4, output="np"), session("a fox", seed=4, output="np"))
+
+
+def test_background_refuses_a_plain_graph_that_keeps_weights_inline(tiny_refit_engine, monkeypatch):
+    from lcmrt.backends import onnxruntime as backend
+
+    read = backend.read_initializers
+
+    def inline(path):  # as if the plain graph stored every weight inside the .onnx file
+        return {name: (spec, None) for name, (spec, _) in read(path).items()}
+
+    monkeypatch.setattr(backend, "read_initializers", inline)
+    with pytest.raises(BackendError, match="cannot take .* weight input.*refit='inputs'"):
+        lcmrt.Pipeline.load(tiny_refit_engine, refit="background")
