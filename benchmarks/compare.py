@@ -1,4 +1,5 @@
-"""Benchmark lcmrt against diffusers and Optimum on the same random weights with the same fused LCM-LoRA.
+"""Benchmark lcmrt against diffusers, Optimum, optimum-intel and OpenVINO GenAI on the same random weights with
+the same fused LCM-LoRA.
 
     python -m benchmarks.compare --arch sd15 --size full --height 512 --width 512 --steps 4 --guidance 1.0
 
@@ -6,11 +7,13 @@ Contenders: lcmrt on every backend this machine has (and "auto" where the folder
 backends for its components); diffusers eager StableDiffusionPipeline + LCMScheduler
 at the same steps; diffusers eager with the model's default scheduler at --baseline-steps (its usual way of
 running, guidance --baseline-guidance); Optimum's ORTStableDiffusionPipeline + LCMScheduler on Optimum's
-own ONNX export of the same fused model. Each contender runs in a child process per round (its peak RSS is
-the child's), doing a cold generation (the warm-up) and a warm one; rounds alternate the contenders, so
-machine noise hits all alike, and speed-ups are quoted per round as ratios. The fp32 GEMM peak is measured
-between rounds (numpy and ONNX Runtime MatMul, the best of all), and the UNet step and VAE decode are
-reported as a fraction of the roofline: FLOPs (from the engine folder's manifest) / (time * peak).
+own ONNX export of the same fused model; optimum-intel's OVDiffusionPipeline + LCMScheduler and OpenVINO
+GenAI's Text2ImagePipeline (LCM) on optimum-intel's OpenVINO export of it, static shapes, fp32 (the last
+three each in a venv of their own, `benchmarks/prepare.py`). Each contender runs in a child process per round
+(its peak RSS is the child's), doing a cold generation (the warm-up) and a warm one; rounds alternate the
+contenders, so machine noise hits all alike, and speed-ups are quoted per round as ratios. The fp32 GEMM
+peak is measured between rounds (numpy and ONNX Runtime MatMul, the best of all), and the UNet step and VAE
+decode are reported as a fraction of the roofline: FLOPs (from the engine folder's manifest) / (time * peak).
 
 Writes RESULTS/compare.json, RESULTS/stages.png and RESULTS/summary.png, and prints a compact table.
 """
@@ -41,14 +44,38 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
-# The issue's targets for full SD1.5, 512x512, 4 steps, guidance 1, batch 1, fp32.
+# The targets for full SD1.5, 512x512, 4 steps, guidance 1, batch 1, fp32, for each lcmrt backend.
 GOALS = {
     "e2e_speedup_vs_diffusers_lcm": (">=", 2.0),
     "e2e_speedup_vs_optimum": (">=", 1.15),
-    "unet_step_roofline_fraction": (">=", 0.9),
+    "e2e_speedup_vs_fastest_openvino": (">=", 1.0),
+    "unet_step_roofline_fraction": (">=", 0.8),
+    "vae_decode_roofline_fraction": (">=", 0.8),
     "overhead_fraction_of_step": ("<", 0.01),
+    "peak_rss_over_diffusers": ("<=", 1.0),
     "cold_start_over_warm": ("<=", 1.3),
 }
+OPENVINO_CONTENDERS = ("optimum-intel/lcm", "openvino-genai/lcm")
+
+@dataclass(frozen=True)
+class Peer:
+    """A contender that runs in its own venv, on an export of the fused model made with that venv."""
+
+    contender: str  # its name in --contenders
+    case: str  # its name in the report
+    kind: str  # worker runner
+    venv: prepare.PeerVenv
+    export_step: str  # prepare.py step
+    export_dir: str  # under WORKDIR
+
+
+PEERS = (
+    Peer("optimum", "optimum/lcm", "optimum", prepare.OPTIMUM, "optimum-export", "optimum-onnx"),
+    Peer("optimum-intel", "optimum-intel/lcm", "optimum_intel", prepare.OPENVINO, "openvino-export", "openvino-ir"),
+    Peer("openvino-genai", "openvino-genai/lcm", "openvino_genai", prepare.OPENVINO, "openvino-export",
+         "openvino-ir"),
+)
+PEER_NAMES = tuple(p.contender for p in PEERS)
 
 
 @dataclass
@@ -56,7 +83,7 @@ class Case:
     """One contender at one batch size."""
 
     name: str
-    kind: str  # worker runner: lcmrt, diffusers, optimum
+    kind: str  # worker runner (worker.RUNNERS)
     batch: int
     config: dict
     python: str = sys.executable
@@ -126,19 +153,28 @@ def prepare_inputs(args) -> dict:
         paths["folders"][batch] = folder
     # the fused model as a diffusers folder: what the diffusers contenders load and Optimum exports
     paths["fused"] = fused = work / "fused-diffusers"
-    if any(c.startswith("diffusers") or c == "optimum" for c in args.contenders) and \
+    if any(c.startswith("diffusers") or c in PEER_NAMES for c in args.contenders) and \
             not (fused / "model_index.json").is_file():
         run_step([sys.executable, HERE / "prepare.py", "fused-diffusers", paths["model"], paths["lcm_lora"],
                   fused], f"saving the model with the LCM-LoRA fused as a diffusers folder to {fused}")
-    if "optimum" in args.contenders:
-        paths["optimum_skip"] = prepare.ensure_optimum_venv(log)
-        paths["optimum_onnx"] = onnx_dir = work / "optimum-onnx"
-        if paths["optimum_skip"] is None and not (onnx_dir / "model_index.json").is_file():
-            try:
-                run_step([prepare.optimum_python(), HERE / "prepare.py", "optimum-export", fused, onnx_dir],
-                         f"exporting it with Optimum to {onnx_dir}")
-            except SystemExit as e:
-                paths["optimum_skip"] = f"Optimum's export failed: {str(e)[-500:]}"
+    exports, venvs = {}, {}  # one export per folder, one install per venv, whichever contenders share them
+    paths["peers"] = {}  # contender -> (export folder, None) or (None, why it is left out)
+    for peer in PEERS:
+        if peer.contender not in args.contenders:
+            continue
+        if peer.venv.name not in venvs:
+            venvs[peer.venv.name] = prepare.ensure_venv(peer.venv, log)
+        export = work / peer.export_dir
+        if export not in exports:
+            exports[export] = venvs[peer.venv.name]
+            if exports[export] is None and not (export / "model_index.json").is_file():
+                try:
+                    run_step([peer.venv.python, HERE / "prepare.py", peer.export_step, fused, export],
+                             f"exporting the fused model with {peer.venv.name} to {export}")
+                except SystemExit as e:
+                    exports[export] = f"the export failed: {str(e)[-500:]}"
+        why = exports[export]
+        paths["peers"][peer.contender] = (None, why) if why else (export, None)
     return paths
 
 
@@ -156,14 +192,17 @@ def make_cases(args, paths) -> tuple[list[Case], list[str]]:
             cases.append(Case("diffusers/lcm", "diffusers", batch, dict(
                 common, model=str(paths["fused"]), scheduler="lcm",
                 num_images=batch), repeats=args.repeats))
-        if "optimum" in args.contenders:
-            if paths.get("optimum_skip"):
+        for peer in PEERS:
+            if peer.contender not in paths["peers"]:
+                continue
+            export, why = paths["peers"][peer.contender]
+            if why:
                 if batch == args.batch_sizes[0]:
-                    notes.append(f"Optimum not measured: {paths['optimum_skip']}")
+                    notes.append(f"{peer.case} not measured: {why}")
             else:
-                cases.append(Case("optimum/lcm", "optimum", batch, dict(
-                    common, onnx_model=str(paths["optimum_onnx"]), num_images=batch),
-                    python=str(prepare.optimum_python()), repeats=args.repeats))
+                cases.append(Case(peer.case, peer.kind, batch, dict(
+                    common, export=str(export), num_images=batch, height=args.height, width=args.width),
+                    python=str(peer.venv.python), repeats=args.repeats))
     if "diffusers-default" in args.contenders:
         # the usual way to run the model without LCM; its warm-up is one step (eager torch captures nothing)
         cases.append(Case(f"diffusers/default-{args.baseline_steps}", "diffusers", 1, dict(
@@ -271,26 +310,33 @@ def paired_ratios(ref: Case, other: Case) -> dict:
 
 
 def goals(report: dict) -> dict:
-    """The issue's targets, on lcmrt's first backend at batch 1 against the others at batch 1."""
+    """The targets for each lcmrt backend at batch 1, against the other contenders at batch 1 in the same rounds."""
     rows = {(r["contender"], r["batch"]): r for r in report["contenders"]}
-    lcmrt_name = next((r["contender"] for r in report["contenders"] if r["contender"].startswith("lcmrt/")), None)
-    me = rows.get((lcmrt_name, 1))
-    if me is None:
-        return {}
-    ratios = report["ratios"].get(lcmrt_name, {})
-    value = {
-        "e2e_speedup_vs_diffusers_lcm": (ratios.get("diffusers/lcm") or {}).get("e2e"),
-        "e2e_speedup_vs_optimum": (ratios.get("optimum/lcm") or {}).get("e2e"),
-        "unet_step_roofline_fraction": me.get("roofline_fraction", {}).get("unet_step"),
-        "overhead_fraction_of_step": me.get("overhead_fraction_of_step"),
-        "cold_start_over_warm": me.get("cold_over_warm"),
-    }
+    diffusers = rows.get(("diffusers/lcm", 1))
     out = {}
-    for name, (op, target) in GOALS.items():
-        v = value[name]
-        v = v["median"] if isinstance(v, dict) else v
-        met = None if v is None else (v >= target if op == ">=" else v < target if op == "<" else v <= target)
-        out[name] = {"value": v, "target": f"{op} {target}", "met": met}
+    for (name, batch), me in rows.items():
+        if not name.startswith("lcmrt/") or batch != 1:
+            continue
+        ratios = report["ratios"].get(name, {})
+        e2e = {other: (ratio.get("e2e") or {}).get("median") for other, ratio in ratios.items()}
+        openvino = [e2e[c] for c in OPENVINO_CONTENDERS if e2e.get(c) is not None]
+        roofline = me.get("roofline_fraction", {})
+        value = {
+            "e2e_speedup_vs_diffusers_lcm": e2e.get("diffusers/lcm"),
+            "e2e_speedup_vs_optimum": e2e.get("optimum/lcm"),
+            "e2e_speedup_vs_fastest_openvino": min(openvino) if openvino else None,
+            "unet_step_roofline_fraction": roofline.get("unet_step"),
+            "vae_decode_roofline_fraction": roofline.get("vae_decode"),
+            "overhead_fraction_of_step": me.get("overhead_fraction_of_step"),
+            "peak_rss_over_diffusers": me["peak_rss_bytes"] / diffusers["peak_rss_bytes"]
+            if diffusers and me.get("peak_rss_bytes") and diffusers.get("peak_rss_bytes") else None,
+            "cold_start_over_warm": me.get("cold_over_warm"),
+        }
+        out[name] = {}
+        for goal, (op, target) in GOALS.items():
+            v = value[goal]
+            met = None if v is None else (v >= target if op == ">=" else v < target if op == "<" else v <= target)
+            out[name][goal] = {"value": v, "target": f"{op} {target}", "met": met}
     return out
 
 
@@ -358,10 +404,11 @@ def print_table(report: dict) -> None:
             parts = ", ".join(f"{k} {v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]"
                               for k, v in ratio.items() if v)
             print(f"{ref} vs {name}: {parts}")
-    for name, g in report["goals"].items():
-        v = "-" if g["value"] is None else f"{g['value']:.3f}"
-        verdict = "n/a" if g["met"] is None else "met" if g["met"] else "NOT met"
-        print(f"goal {name}: {v} (target {g['target']}) {verdict}")
+    for contender, targets in report["goals"].items():
+        for name, g in targets.items():
+            v = "-" if g["value"] is None else f"{g['value']:.3f}"
+            verdict = "n/a" if g["met"] is None else "met" if g["met"] else "NOT met"
+            print(f"goal {contender} {name}: {v} (target {g['target']}) {verdict}")
     for note in report["notes"]:
         print(f"note: {note}")
     for name, errors in report["failed"].items():
@@ -378,8 +425,9 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each contender: one cold + one warm run")
     parser.add_argument("--batch-sizes", default="1", help="comma list; each builds an engine folder")
-    parser.add_argument("--contenders", default="lcmrt,diffusers-lcm,diffusers-default,optimum")
-    parser.add_argument("--no-optimum", action="store_true", help="leave Optimum out (no extra venv)")
+    parser.add_argument("--contenders", default=",".join(("lcmrt", "diffusers-lcm", "diffusers-default") + PEER_NAMES))
+    parser.add_argument("--no-peer-venvs", action="store_true",
+                        help=f"leave out the contenders that run in venvs of their own ({', '.join(PEER_NAMES)})")
     parser.add_argument("--baseline-steps", type=int, default=25)
     parser.add_argument("--baseline-guidance", type=float, default=7.5, help="diffusers' default")
     parser.add_argument("--baseline-repeats", type=int, default=1)
@@ -395,8 +443,8 @@ def main(argv=None):
     args.height, args.width = args.height or default_res, args.width or default_res
     args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if args.no_optimum and "optimum" in args.contenders:
-        args.contenders.remove("optimum")
+    if args.no_peer_venvs:
+        args.contenders = [c for c in args.contenders if c not in PEER_NAMES]
     optimum_sd15_only = args.arch != "sd15" and "optimum" in args.contenders
     if optimum_sd15_only:  # the harness drives Optimum's ORTStableDiffusionPipeline only
         args.contenders.remove("optimum")
@@ -405,8 +453,8 @@ def main(argv=None):
 
     paths = prepare_inputs(args)
     cases, notes = make_cases(args, paths)
-    if args.no_optimum:
-        notes.append("Optimum left out (--no-optimum)")
+    if args.no_peer_venvs:
+        notes.append(f"{', '.join(PEER_NAMES)} left out (--no-peer-venvs)")
     if optimum_sd15_only:
         notes.append(f"Optimum left out: this harness runs its SD1.5 pipeline only, and the model is {args.arch}")
     notes.append("cold start = imports + load + first image, in a fresh process (every contender loads weights "

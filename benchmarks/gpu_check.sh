@@ -111,7 +111,7 @@ done
 
 # The harness runs lcmrt on every backend this machine has (tensorrt, onnxruntime-cuda/-trt here).
 for SIZE in $SIZES; do
-    run "$SIZE: benchmark harness" "$PY" -m benchmarks.compare --size "$SIZE" --no-optimum \
+    run "$SIZE: benchmark harness" "$PY" -m benchmarks.compare --size "$SIZE" --no-peer-venvs \
         --contenders lcmrt,diffusers-lcm --workdir "$WORK/bench-$SIZE" --repeats "$BENCH_REPEATS"
 done
 

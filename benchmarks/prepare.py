@@ -1,8 +1,9 @@
 """Inputs every contender shares: the random model, lcmrt engine folders, the fused model saved as a diffusers
-folder, and Optimum's ONNX export of it. Each step reuses what is already on disk.
+folder, Optimum's ONNX export of it and optimum-intel's OpenVINO export. Each step reuses what is already on disk.
 
 `compare.py` runs the steps that need torch in child processes (`python -m benchmarks.prepare STEP ...`), so
-the parent that times everyone holds no model. `optimum-export` runs in `benchmarks/.venv-optimum`.
+the parent that times everyone holds no model. `optimum-export` runs in `benchmarks/.venv-optimum`,
+`openvino-export` in `benchmarks/.venv-openvino`.
 """
 from __future__ import annotations
 
@@ -11,35 +12,61 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OPTIMUM_VENV = HERE / ".venv-optimum"
+TORCH = "torch==2.13.0"  # every venv: installed first, from the local CPU wheel, and held by a constraint
+
+
+@dataclass(frozen=True)
+class PeerVenv:
+    """A venv beside lcmrt's for contenders whose pins conflict with lcmrt's: `benchmarks/.venv-NAME`, created on
+    first use (torch first, then `packages` with torch held, then `remove` uninstalled)."""
+
+    name: str
+    packages: tuple[str, ...]
+    remove: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return HERE / f".venv-{self.name}"
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+
 # Optimum's ONNX Runtime package pins transformers<4.58, hence an older stack beside lcmrt's (FIELD-NOTES.md:
-# this set is known to work together; torch first, from the local CPU wheel).
-OPTIMUM_TORCH = "torch==2.13.0"
-OPTIMUM_PACKAGES = ["optimum-onnx[onnxruntime]==0.1.0", "transformers==4.57.6", "diffusers==0.39.0",
-                    "huggingface-hub==0.36.2"]
+# this set is known to work together).
+OPTIMUM = PeerVenv("optimum", ("optimum-onnx[onnxruntime]==0.1.0", "transformers==4.57.6", "diffusers==0.39.0",
+                               "huggingface-hub==0.36.2"))
+# optimum-intel pins huggingface-hub<1.22, which diffusers >= 0.40 (lcmrt's) does not accept. optimum-intel pulls
+# torchvision, whose wheel does not match the CPU torch (transformers' import then fails on `torchvision::nms`);
+# nothing here uses it.
+OPENVINO = PeerVenv("openvino", ("optimum-intel[openvino]==2.2.0", "optimum==2.3.0", "openvino==2026.4.1",
+                                 "openvino-genai==2026.4.1.0", "openvino-tokenizers==2026.4.1.0", "nncf==3.4.0",
+                                 "transformers==5.5.4", "diffusers==0.39.0", "huggingface-hub==1.21.0"),
+                    remove=("torchvision",))
 TEXT_MODEL_PREFIX = "text_model."
 
 
-def optimum_python() -> Path:
-    return OPTIMUM_VENV / "bin" / "python"
-
-
-def ensure_optimum_venv(log) -> str | None:
-    """Create benchmarks/.venv-optimum if needed; return None when ready, else why it is not."""
-    marker = OPTIMUM_VENV / ".installed"
+def ensure_venv(venv: PeerVenv, log) -> str | None:
+    """Create `venv` if needed; return None when ready, else why it is not."""
+    marker = venv.path / ".installed"
     if marker.is_file():
         return None
-    log(f"installing Optimum into {OPTIMUM_VENV} (a few minutes, once)")
-    steps = [[sys.executable, "-m", "venv", str(OPTIMUM_VENV)],
-             [str(optimum_python()), "-m", "pip", "install", "-q", OPTIMUM_TORCH],
-             [str(optimum_python()), "-m", "pip", "install", "-q", *OPTIMUM_PACKAGES]]
+    log(f"installing {venv.name} into {venv.path} (a few minutes, once)")
+    pins = venv.path / "torch-pin.txt"
+    pip = [str(venv.python), "-m", "pip", "install", "-q"]
+    steps = [[sys.executable, "-m", "venv", str(venv.path)], [*pip, TORCH], [*pip, "-c", str(pins), *venv.packages]]
+    if venv.remove:
+        steps.append([str(venv.python), "-m", "pip", "uninstall", "-q", "-y", *venv.remove])
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             return f"`{' '.join(cmd)}` failed: {proc.stderr.strip().splitlines()[-1:]}"
+        pins.write_text(f"{TORCH}\n")  # after the first step: the venv's folder exists
     marker.touch()
     return None
 
@@ -107,6 +134,18 @@ def optimum_export(fused: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def openvino_export(fused: Path, out: Path) -> None:
+    """Export the fused diffusers folder to OpenVINO's format with optimum-intel's CLI (run in its venv), fp32
+    weights, tokenizer converted as well: the folder both optimum-intel and OpenVINO GenAI load."""
+    tmp = out.with_name(f".{out.name}.partial")
+    cli = Path(sys.executable).with_name("optimum-cli")
+    proc = subprocess.run([str(cli), "export", "openvino", "--model", str(fused), "--task", "text-to-image",
+                           "--library", "diffusers", "--weight-format", "fp32", str(tmp)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"optimum-intel's export failed: {proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -114,14 +153,17 @@ def main():
     p.add_argument("model", type=Path)
     p.add_argument("lcm_lora", type=Path)
     p.add_argument("out", type=Path)
-    p = sub.add_parser("optimum-export")
-    p.add_argument("fused", type=Path)
-    p.add_argument("out", type=Path)
+    for step in ("optimum-export", "openvino-export"):
+        p = sub.add_parser(step)
+        p.add_argument("fused", type=Path)
+        p.add_argument("out", type=Path)
     args = parser.parse_args()
     if args.step == "fused-diffusers":
         save_fused_diffusers(args.model, args.lcm_lora, args.out)
-    else:
+    elif args.step == "optimum-export":
         optimum_export(args.fused, args.out)
+    else:
+        openvino_export(args.fused, args.out)
 
 
 if __name__ == "__main__":

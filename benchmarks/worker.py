@@ -1,8 +1,9 @@
 """One contender, one process: import, load, a cold generation, then warm ones; writes a JSON result.
 
 Run by `benchmarks/compare.py` as a script (`python benchmarks/worker.py CONFIG_JSON`), with the main venv's
-python for lcmrt and diffusers and with `benchmarks/.venv-optimum`'s for Optimum, which has no lcmrt
-installed: so this file imports only the standard library and numpy at the top.
+python for lcmrt and diffusers, `benchmarks/.venv-optimum`'s for Optimum and `benchmarks/.venv-openvino`'s
+for optimum-intel and OpenVINO GenAI, which have no lcmrt installed: so this file imports only the standard
+library at the top.
 
 Every contender returns the same records as `lcmrt.bench.time_generation`: {"e2e", "text_encoder",
 "unet_steps": [...], "vae_decode", "unet_run": [...], "num_images"} in seconds.
@@ -12,6 +13,8 @@ How stages are timed outside lcmrt (hooks, in the pipeline's own call, output_ty
                 scheduler step: UNet + guidance + scheduler, what lcmrt's step also covers
   unet_run      the UNet call alone, so unet_steps - unet_run is the framework's overhead per step
   vae_decode    the VAE decode call
+OpenVINO GenAI's pipeline runs in C++: its own performance metrics give the same stages (iteration durations
+for unet_steps, UNet inference durations for unet_run).
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 T_START = time.perf_counter()
 
@@ -108,6 +109,18 @@ def _hook_torch_pipeline(pipe, timer: _StageTimer) -> None:
     pipe.vae.decode = timer.wrap(pipe.vae.decode, "vae")
 
 
+def _diffusers_call(pipe, timer: _StageTimer, cfg: dict):
+    """One generation of a diffusers-style pipeline (diffusers, Optimum, optimum-intel) at `steps`."""
+    import torch
+
+    def call(steps):
+        with torch.inference_mode():
+            pipe(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
+                 num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
+                 output_type="np", callback_on_step_end=timer.step_end)
+    return call
+
+
 def run_diffusers(cfg: dict) -> dict:
     """The model with the LCM-LoRA already fused, saved by `prepare.py` with lcmrt's own verified fuse: the
     same weights as lcmrt's engine folder, loaded the way a diffusers user loads a merged model."""
@@ -128,48 +141,112 @@ def run_diffusers(cfg: dict) -> dict:
     load_s = time.perf_counter() - start
     timer = _StageTimer()
     _hook_torch_pipeline(pipe, timer)
-
-    def call(steps):
-        with torch.inference_mode():
-            pipe(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
-                 num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
-                 output_type="np", callback_on_step_end=timer.step_end)
-
-    first, warm = _generations(call, timer, cfg)
+    first, warm = _generations(_diffusers_call(pipe, timer, cfg), timer, cfg)
     return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
             "backend": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
             "scheduler": type(pipe.scheduler).__name__}
 
 
+def _wrap_exported_pipeline(pipe, timer: _StageTimer) -> None:
+    """Optimum's and optimum-intel's models are not torch modules: wrap their forward calls instead of hooking."""
+    pipe.text_encoder.forward = timer.wrap_around(pipe.text_encoder.forward, timer.text_start, timer.text_end)
+    pipe.unet.forward = timer.wrap_around(pipe.unet.forward, timer.unet_start, timer.unet_end)
+    pipe.vae_decoder.forward = timer.wrap(pipe.vae_decoder.forward, "vae")
+
+
 def run_optimum(cfg: dict) -> dict:
     import onnxruntime
-    import torch
     from diffusers import LCMScheduler
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     import_s = time.perf_counter() - T_START
     start = time.perf_counter()
-    pipe = ORTStableDiffusionPipeline.from_pretrained(cfg["onnx_model"], provider="CPUExecutionProvider")
+    pipe = ORTStableDiffusionPipeline.from_pretrained(cfg["export"], provider="CPUExecutionProvider")
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
     timer = _StageTimer()
-    # ORT models are not torch modules: wrap their forward calls instead of hooking them
-    pipe.text_encoder.forward = timer.wrap_around(pipe.text_encoder.forward, timer.text_start, timer.text_end)
-    pipe.unet.forward = timer.wrap_around(pipe.unet.forward, timer.unet_start, timer.unet_end)
-    pipe.vae_decoder.forward = timer.wrap(pipe.vae_decoder.forward, "vae")
-
-    def call(steps):
-        pipe(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
-             num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
-             output_type="np", callback_on_step_end=timer.step_end)
-
-    first, warm = _generations(call, timer, cfg)
+    _wrap_exported_pipeline(pipe, timer)
+    first, warm = _generations(_diffusers_call(pipe, timer, cfg), timer, cfg)
     return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
             "backend": f"optimum ORT {onnxruntime.__version__} CPUExecutionProvider"}
 
 
-RUNNERS = {"lcmrt": run_lcmrt, "diffusers": run_diffusers, "optimum": run_optimum}
+# Both OpenVINO contenders compile at fp32: OpenVINO's CPU plugin would run bf16 on CPUs that have it.
+OV_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _static_unet_batch(pipe, cfg: dict) -> None:
+    """optimum-intel's `reshape` gives the UNet twice the batch (classifier-free guidance) unless the UNet is
+    LCM-distilled; a fused LCM-LoRA model unguided needs the batch itself, so set it on the UNet's inputs."""
+    batch = cfg["num_images"] * (2 if cfg["guidance"] > 1 else 1)
+    shapes = {}
+    for port in pipe.unet.model.inputs:
+        shape = port.get_partial_shape()
+        if port.get_any_name() in ("sample", "encoder_hidden_states"):
+            shape[0] = batch
+        shapes[port] = shape
+    pipe.unet.model.reshape(shapes)
+
+
+def run_optimum_intel(cfg: dict) -> dict:
+    """optimum-intel's pipeline on its own OpenVINO export, reshaped to static shapes before compiling (its
+    documented fast path on CPUs) and compiled at fp32."""
+    import openvino
+    from diffusers import LCMScheduler
+    from optimum.intel import OVDiffusionPipeline
+
+    import_s = time.perf_counter() - T_START
+    start = time.perf_counter()
+    pipe = OVDiffusionPipeline.from_pretrained(cfg["export"], ov_config=OV_FP32, compile=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.reshape(batch_size=1, height=cfg["height"], width=cfg["width"], num_images_per_prompt=cfg["num_images"])
+    _static_unet_batch(pipe, cfg)
+    pipe.compile()
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    timer = _StageTimer()
+    _wrap_exported_pipeline(pipe, timer)
+    first, warm = _generations(_diffusers_call(pipe, timer, cfg), timer, cfg)
+    return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
+            "backend": f"optimum-intel, OpenVINO {openvino.__version__.split('-')[0]} CPU, static shapes, fp32"}
+
+
+def run_openvino_genai(cfg: dict) -> dict:
+    """OpenVINO GenAI's C++ Text2ImagePipeline on optimum-intel's export, LCM scheduler, static shapes, fp32.
+    Stage times come from its own performance metrics (the pipeline runs in C++: nothing to hook)."""
+    import openvino_genai as genai
+
+    import_s = time.perf_counter() - T_START
+    start = time.perf_counter()
+    export = Path(cfg["export"])
+    pipe = genai.Text2ImagePipeline(str(export))
+    pipe.set_scheduler(genai.Scheduler.from_config(str(export / "scheduler" / "scheduler_config.json"),
+                                                   genai.Scheduler.Type.LCM))
+    pipe.reshape(cfg["num_images"], cfg["height"], cfg["width"], cfg["guidance"])
+    pipe.compile("CPU", **OV_FP32)
+    load_s = time.perf_counter() - start
+
+    def one(steps):
+        start = time.perf_counter()
+        pipe.generate(cfg["prompt"], num_inference_steps=steps, guidance_scale=cfg["guidance"],
+                      num_images_per_prompt=cfg["num_images"], rng_seed=cfg["seed"])
+        e2e = time.perf_counter() - start
+        metrics = pipe.get_performance_metrics()
+        raw = metrics.raw_metrics  # microseconds; the getters' durations are milliseconds
+        return {"e2e": e2e, "text_encoder": sum(metrics.get_text_encoder_infer_duration().values()) / 1e3,
+                "unet_steps": [d / 1e6 for d in raw.iteration_durations], "vae_decode":
+                metrics.get_vae_decoder_infer_duration() / 1e3,
+                "unet_run": [d / 1e6 for d in raw.unet_inference_durations], "num_images": cfg["num_images"]}
+
+    first = one(cfg.get("warmup_steps") or cfg["steps"])
+    warm = [one(cfg["steps"]) for _ in range(cfg["warm_runs"])]
+    return {"import_s": import_s, "load_s": load_s, "first": first, "warm": warm,
+            "backend": f"OpenVINO GenAI {genai.__version__.split('-')[0]} Text2ImagePipeline CPU, static shapes, fp32"}
+
+
+RUNNERS = {"lcmrt": run_lcmrt, "diffusers": run_diffusers, "optimum": run_optimum,
+           "optimum_intel": run_optimum_intel, "openvino_genai": run_openvino_genai}
 
 
 def main():
