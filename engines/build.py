@@ -1,6 +1,6 @@
 """What lcmrt builds on top of an engine folder's fp32 ONNX graphs, in one call: this CPU's pre-optimized ONNX
 Runtime graphs, OpenVINO models, the fastest CPU backend per component (measured here), FP16 and INT8 graph
-variants (with their measured fidelity) and TensorRT engines.
+variants and int8-weight OpenVINO models (with their measured fidelity) and TensorRT engines.
 
 `lcmrt build` runs it inside the new folder before it is renamed into place (`lcmrt.export.build`), and
 `lcmrt build --engines-only FOLDER` on an existing folder; Python callers do the same through
@@ -29,7 +29,7 @@ class EngineRequest:
     choose_backends: bool | None = None
     fp16: bool | None = None  # FP16 text encoder and UNet graphs; None: only with backend "tensorrt"
     fp16_vae: bool = False  # an FP16 VAE decoder too
-    int8: bool = False  # an INT8 UNet graph (lossy, faster on CPUs)
+    int8: bool = False  # an INT8 UNet graph (lossy, faster on CPUs), and an int8-weight OpenVINO UNet with `openvino`
     workspace: str | int = "2G"  # TensorRT builder workspace limit
 
     @property
@@ -65,6 +65,21 @@ def check_engine_request(req: EngineRequest, refittable: bool) -> None:
     if req.int8 and refittable:
         raise InputError("--int8 replaces the UNet's weights with quantized ones, which --refittable and "
                          "--refittable-lcm keep swappable: leave out one or the other.")
+    if req.int8 and wants_openvino(req):
+        from .openvino_int8 import INSTALL_HINT, nncf_installed
+
+        if not nncf_installed():
+            raise BackendError(f"--int8 also compresses the OpenVINO UNet's weights, with NNCF, which is not "
+                               f"installed here. {INSTALL_HINT}")
+
+
+def wants_openvino(req: EngineRequest) -> bool:
+    """Does the build save OpenVINO models (asked for, or by default where OpenVINO is installed)?"""
+    if req.openvino is not None:
+        return req.openvino
+    from .openvino_ir import openvino_installed
+
+    return openvino_installed()
 
 
 def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = None, log=None) -> dict:
@@ -85,13 +100,12 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
         with stages.stage("optimize CPU graphs"):
             optimize_folder(folder, manifest)
             commit(folder, manifest)
-    if req.openvino is not False:
-        from .openvino_ir import openvino_installed, save_folder
+    if wants_openvino(req):
+        from .openvino_ir import save_folder
 
-        if req.openvino or openvino_installed():
-            with stages.stage("OpenVINO models"):
-                save_folder(folder, manifest)
-                commit(folder, manifest)
+        with stages.stage("OpenVINO models"):
+            save_folder(folder, manifest)
+            commit(folder, manifest)
     if req.choose_backends or (req.choose_backends is None and req.backend == "onnxruntime"):
         from ..backends.chosen import installed_cpu_backends
         from .backend_choice import choose_backends
@@ -113,6 +127,12 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
         with stages.stage("INT8 graphs"):
             quantize_folder(folder, manifest)
             commit(folder, manifest)
+        if wants_openvino(req):
+            from .openvino_int8 import compress_folder
+
+            with stages.stage("OpenVINO INT8 models"):
+                compress_folder(folder, manifest)
+                commit(folder, manifest)
     if req.backend == "tensorrt":
         from .tensorrt import build_engines
 
@@ -123,4 +143,4 @@ def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: S
     return manifest.data
 
 
-__all__ = ["ENGINE_BACKENDS", "EngineRequest", "add_engines", "check_engine_request"]
+__all__ = ["ENGINE_BACKENDS", "EngineRequest", "add_engines", "check_engine_request", "wants_openvino"]

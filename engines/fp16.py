@@ -303,7 +303,8 @@ def measure_fidelity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[s
     return report
 
 
-_IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
+# Outputs compared as images (PSNR) as well.
+IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 
 
 def default_fp16_components(manifest: Manifest) -> tuple[str, ...]:
@@ -332,7 +333,7 @@ def convert_folder(folder: str | Path, components: tuple[str, ...] | None = None
         entry = convert_component(folder, manifest, component)
         feeds = example_inputs(manifest, component, seed, vocab)
         fidelity = measure_fidelity(folder / graphs[component].file, folder / entry["file"],
-                                    feeds, _IMAGE_OUTPUTS.get(component, ()))
+                                    feeds, IMAGE_OUTPUTS.get(component, ()))
         fidelity["seed"] = seed
         entry["fidelity"] = fidelity
         entries[component] = entry

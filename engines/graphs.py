@@ -105,19 +105,26 @@ def psnr(reference: np.ndarray, test: np.ndarray, peak: float = PSNR_PEAK) -> fl
 
 def compare_graphs(reference_path: str | Path, test_path: str | Path, feeds: dict[str, np.ndarray],
                    image_outputs: tuple[str, ...] = ()) -> dict:
-    """Run both graphs in ONNX Runtime (CPU) on `feeds`: max abs diff per output (also relative to the
-    reference's peak), and the PSNR of outputs that are images in [-1, 1] (mapped to [0, 1] as the pipeline
-    does). One session at a time: two full-size UNets would double the memory."""
+    """Run both graphs in ONNX Runtime (CPU) on `feeds` and compare their outputs (`compare_outputs`). One
+    session at a time: two full-size UNets would double the memory."""
+    return compare_outputs(run_onnxruntime(reference_path, feeds), run_onnxruntime(test_path, feeds),
+                           image_outputs, "onnxruntime-cpu")
+
+
+def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of the graph at `path` on `feeds`, by name (ONNX Runtime, CPU)."""
     import onnxruntime as ort
 
-    runs = []
-    for path in (reference_path, test_path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        runs.append(dict(zip(names, session.run(names, feeds))))
-        del session
-    reference, test = runs
-    report = {"outputs": {}, "runtime": "onnxruntime-cpu", "finite": True}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def compare_outputs(reference: dict[str, np.ndarray], test: dict[str, np.ndarray], image_outputs: tuple[str, ...],
+                    runtime: str) -> dict:
+    """Max abs diff per output of `test` against `reference` (also relative to the reference's peak), and the
+    PSNR of outputs that are images in [-1, 1] (mapped to [0, 1] as the pipeline does); `runtime` ran both."""
+    report = {"outputs": {}, "runtime": runtime, "finite": True}
     for name, ref in reference.items():
         got = test[name]
         finite = bool(np.all(np.isfinite(got)))

@@ -23,15 +23,22 @@ def openvino_installed() -> bool:
     return True
 
 
+def read_fp32(folder: Path, manifest: Manifest | dict, component: str):
+    """`component`'s fp32 ONNX graph as an OpenVINO model (read by OpenVINO's ONNX frontend)."""
+    return _openvino().Core().read_model(str(folder / Manifest.of(manifest).component(component).file))
+
+
+def save_model(model, folder: Path, xml: str) -> dict[str, str]:
+    """Write `model` as `xml` (+ its `.bin`), weights as they are; return file name -> sha256."""
+    _openvino().save_model(model, str(folder / xml), compress_to_fp16=False)
+    return {name: file_sha256(folder / name) for name in (xml, Path(xml).with_suffix(".bin").name)}
+
+
 def save_component(folder: Path, manifest: Manifest | dict, component: str) -> dict:
     """Write `<component>.openvino.xml` (+ `.bin`) and return its variant entry."""
-    ov = _openvino()
     entry = Manifest.of(manifest).component(component).graph_fp32
     xml = fresh_graph_name(folder, Manifest.of(manifest), component, OPENVINO)  # the old one stays until the commit
-    weights = Path(xml).with_suffix(".bin").name
-    model = ov.Core().read_model(str(folder / entry.file))
-    ov.save_model(model, str(folder / xml), compress_to_fp16=False)
-    return {"file": xml, "sha256": {name: file_sha256(folder / name) for name in (xml, weights)},
+    return {"file": xml, "sha256": save_model(read_fp32(folder, manifest, component), folder, xml),
             "precision": entry.precision, "key": {"openvino": openvino_version()}}
 
 

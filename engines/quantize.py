@@ -25,7 +25,7 @@ from ..backends.onnxruntime import cpu_graph_key
 from ..errors import ExportError
 from ..folder_update import fresh_graph_name
 from ..manifest import INT8, INT8_SUFFIX, Manifest, file_sha256
-from .fp16 import FIDELITY_SEED, _vocab_size, example_inputs
+from .fp16 import FIDELITY_SEED, IMAGE_OUTPUTS, _vocab_size, example_inputs
 from .graphs import EXTERNAL_DATA_THRESHOLD, compare_graphs
 
 # MatMul/Gemm only. Full SD1.5 UNet step, AVX-512 VNNI CPU, ONNX Runtime 1.31, 2 threads: fp32 5.9 s, these
@@ -38,8 +38,6 @@ INT8_PER_CHANNEL = True
 # VNNI but 5.4-6.5% on AVX2 (saturated); 7-bit 0.59-0.70% on both. Same kernels, so the same speed.
 INT8_REDUCE_RANGE = True
 DEFAULT_INT8_COMPONENTS = ("unet",)
-# Protobuf cannot hold more than 2 GB (as in lcmrt.export.onnx_export).
-_IMAGE_OUTPUTS = {"vae_decoder": ("image",)}
 
 
 def quantize_component(folder: Path, manifest: Manifest | dict, component: str,
@@ -91,15 +89,7 @@ def quantize_folder(folder: str | Path, manifest: Manifest | dict, components: t
     """Write int8 graphs for `components`, measure each against its fp32 graph, and record them in `manifest`
     as `components[c]["variants"]["int8"]`; return component -> variant entry. The caller writes the manifest."""
     folder, manifest = Path(folder), Manifest.of(manifest)
-    refit, graphs = manifest.refit_components, manifest.components
-    for component in components:
-        if component not in graphs:
-            raise ExportError(f"{folder} has no {component!r} component to quantize "
-                              f"(it has {', '.join(graphs)}).")
-        if component in refit:
-            raise ExportError(
-                f"{folder}: {component} is refit at run time (built with --refittable), and int8 quantization "
-                "replaces the weights its refit map names. Build without --refittable to quantize it.")
+    check_int8_components(folder, manifest, components)
     entries = {}
     for component in components:
         entry = quantize_component(folder, manifest, component, op_types, per_channel, reduce_range)
@@ -109,16 +99,34 @@ def quantize_folder(folder: str | Path, manifest: Manifest | dict, components: t
     return entries
 
 
+def check_int8_components(folder: Path, manifest: Manifest, components: tuple[str, ...]) -> None:
+    """Refuse components the folder lacks, and those whose weights are refit at run time (int8 replaces the
+    weights the refit map names)."""
+    refit, graphs = manifest.refit_components, manifest.components
+    for component in components:
+        if component not in graphs:
+            raise ExportError(f"{folder} has no {component!r} component to quantize "
+                              f"(it has {', '.join(graphs)}).")
+        if component in refit:
+            raise ExportError(
+                f"{folder}: {component} is refit at run time (built with --refittable), and int8 quantization "
+                "replaces the weights its refit map names. Build without --refittable to quantize it.")
+
+
+def fidelity_inputs(folder: Path, manifest: Manifest | dict, component: str, seed: int) -> dict:
+    """The seeded inputs every int8 variant of `component` is measured on against fp32."""
+    return example_inputs(manifest, component, seed, _vocab_size(folder, manifest))
+
+
 def int8_fidelity(folder: Path, manifest: Manifest | dict, component: str, variant: dict,
                   seed: int = FIDELITY_SEED) -> dict:
     """An int8 variant's outputs against its fp32 graph on seeded inputs, run on this CPU (which it records:
     the error depends on the instruction set, see INT8_REDUCE_RANGE)."""
     fp32 = Manifest.of(manifest).component(component)
-    fidelity = compare_graphs(folder / fp32.file, folder / variant["file"],
-                              example_inputs(manifest, component, seed, _vocab_size(folder, manifest)),
-                              _IMAGE_OUTPUTS.get(component, ()))
+    fidelity = compare_graphs(folder / fp32.file, folder / variant["file"], fidelity_inputs(folder, manifest, component, seed),
+                              IMAGE_OUTPUTS.get(component, ()))
     return {**fidelity, "seed": seed, "measured_on": cpu_graph_key()}
 
 
-__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_REDUCE_RANGE", "INT8_SUFFIX", "int8_fidelity",
-           "quantize_component", "quantize_folder"]
+__all__ = ["DEFAULT_INT8_COMPONENTS", "INT8_OP_TYPES", "INT8_REDUCE_RANGE", "INT8_SUFFIX",
+           "check_int8_components", "fidelity_inputs", "int8_fidelity", "quantize_component", "quantize_folder"]

@@ -106,8 +106,8 @@ def _console(quiet: bool):
               help="Write FP16 text encoder and UNet graphs (default: on with --backend tensorrt).")
 @click.option("--fp16-vae", is_flag=True, help="Also an FP16 VAE decoder (NaN output falls back to fp32).")
 @click.option("--int8", is_flag=True,
-              help="Also an INT8 UNet graph (lossy, faster on CPU; its fidelity vs fp32 is measured and printed); "
-                   "run it with precision='int8'.")
+              help="Also an INT8 UNet graph, and where OpenVINO models are saved an int8-weight OpenVINO UNet (lossy, "
+                   "faster on CPU; fidelity vs fp32 is measured and printed); run them with precision='int8'.")
 @click.option("--vae-decoder", "vae_decoder", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Decode with this AutoencoderTiny folder (TAESD) instead of the model's VAE: much less "
                    "compute, lower fidelity.")
@@ -170,29 +170,31 @@ def build(model, lcm_lora, lcm_weight, loras, height, width, sizes, batch, guida
         if console is not None:
             _print_build_summary(console, out, manifest)
     if console is not None:
-        _print_variant_fidelity(console, manifest, [p for p, wanted in (("fp16", engines.wants_fp16),
-                                                                       ("int8", int8)) if wanted])
+        _print_variant_fidelity(console, manifest, [v for v, wanted in (
+            ("fp16", engines.wants_fp16), ("int8", int8), ("openvino-int8", int8)) if wanted], here=True)
 
 
-def _print_variant_fidelity(console, manifest: dict, precisions: list[str]) -> None:
-    """One line per fp16/int8 graph variant: its outputs against the fp32 graph, as measured at build."""
+def _print_variant_fidelity(console, manifest: dict, variants: list[str], here: bool = False) -> None:
+    """One line per fp16/int8 variant: its outputs against the fp32 graph or model, as measured at build (`here`:
+    on this machine, just now)."""
     from .cpu import has_int8_vnni
     from .manifest import Manifest
 
     for name, component in Manifest(manifest).components.items():
-        for precision in precisions:
-            fidelity = component.variants[precision].data.get("fidelity") if precision in component.variants else None
+        for variant in variants:
+            fidelity = component.variants[variant].data.get("fidelity") if variant in component.variants else None
             if fidelity is None:
                 continue
             for output, diff in fidelity["outputs"].items():
-                line = (f"{name} {precision} vs fp32: {output} max abs diff {diff['max_abs_diff']:.2e} "
+                line = (f"{name} {variant} vs fp32: {output} max abs diff {diff['max_abs_diff']:.2e} "
                         f"({100 * diff['relative']:.2f}% of its peak)")
                 if diff.get("psnr_db"):
                     line += f", PSNR {diff['psnr_db']:.1f} dB"
                 if not fidelity["finite"]:
                     line += " [red]non-finite output[/red]"
                 if "measured_on" in fidelity:
-                    line += f", measured on this CPU ({'with' if has_int8_vnni(fidelity['measured_on']['isa']) else 'without'} VNNI)"
+                    vnni = f"{'with' if has_int8_vnni(fidelity['measured_on']['isa']) else 'without'} VNNI"
+                    line += f", measured on this CPU ({vnni})" if here else f", measured on a CPU {vnni}"
                 console.print(line)
 
 
@@ -226,7 +228,8 @@ def _print_build_summary(console, out: Path, manifest: dict) -> None:
 @click.option("--num-images", default=1, show_default=True)
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, openvino, onnxruntime-cuda, tensorrt, ...")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="ONNX Runtime: run the folder's fp16 or int8 graphs where it has them (default fp32).")
+              help="Run the folder's fp16 or int8 graphs where it has them (default fp32): fp16 and int8 on ONNX "
+                   "Runtime, int8 (int8-weight models) on --backend openvino.")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME:WEIGHT",
               help="Set a swappable adapter's weight (repeatable); given any, the others are switched off.")
 @click.option("--size", default=None, metavar="WIDTHxHEIGHT",
@@ -365,6 +368,7 @@ def info(folder, as_json):
         table.add_row(name, entry.file, entry.precision, _millions(entry.number("parameters")),
                       "?" if flops is None else f"{flops / 1e9:.1f}", _diff(entry), ", ".join(entry.variants) or "-")
     console.print(table)
+    _print_variant_fidelity(console, raw, ["fp16", "int8", "openvino-int8"])
     _print_backend_choice(console, folder, manifest)
     adapters = Table("adapter", "role", "weight", "fused", "format", "modules")
     for a in manifest.adapters:

@@ -20,7 +20,7 @@ from .manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest, read_manifest, varia
 SCRATCH_PREFIX = ".scratch-"  # folders a change builds files in before moving them beside the old ones
 # What a change may leave behind: its own graph files, adapter packs, scratch folders and manifest temporaries.
 # Anything else in the folder (the tokenizer's other files, TensorRT's caches, a user's notes) is never removed.
-_GRAPH_FILE = re.compile(r"(\.onnx|\.onnx\.data|\.openvino(-\d+)?\.(xml|bin))$")
+_GRAPH_FILE = re.compile(r"(\.onnx|\.onnx\.data|\.openvino(-int8)?(-\d+)?\.(xml|bin))$")
 
 
 def referenced_files(manifest: Manifest) -> set[str]:

@@ -29,8 +29,9 @@ GRAPH_PRECISIONS = (FP32, FP16, INT8)  # a component without a variant runs its 
 PRE_OPTIMIZED = "ort-cpu"  # written by lcmrt.engines.ort_optimize: ONNX Runtime's CPU optimizations applied
 REFIT_INPUTS = "refit-inputs"  # written by lcmrt.export.adapters: refit weights declared as graph inputs
 # written by lcmrt.engines.openvino_ir: the fp32 graph in OpenVINO's own format, `<component>.openvino.xml`
-# with its weights in `.bin` beside it
+# with its weights in `.bin` beside it; and by lcmrt.engines.openvino_int8: that model with int8 weights
 OPENVINO = "openvino"
+OPENVINO_INT8 = f"{OPENVINO}-{INT8}"
 FP16_SUFFIX = f".{FP16}.onnx"
 INT8_SUFFIX = f".{INT8}.onnx"
 # TensorRT engines: trt/sm<major><minor>-<trt version>/<component>.plan, with the key's timing cache and

@@ -169,7 +169,8 @@ class Pipeline:
         precision = backend_options.get("precision")
         if precision not in (None, "fp32") and all(s.precision != precision for s in sessions.values()):
             flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, f"--{precision}")
-            raise EngineFolderError(f"{folder} has no {precision} graphs, so precision={precision!r} would run fp32. "
+            raise EngineFolderError(f"{folder} has no {precision} graphs for backend {engine.name}, so "
+                                    f"precision={precision!r} would run fp32. "
                                     f"Add them with `lcmrt build --engines-only {folder} {flag}`, or load it without "
                                     "precision.")
         tokenizers = {encoder: PromptTokenizer.from_folder(folder, info) for encoder, info in manifest.tokenizers.items()}

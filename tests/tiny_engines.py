@@ -11,6 +11,33 @@ STYLE_WEIGHT = 0.8
 # CPU (qemu-x86_64 -cpu Haswell): <= 1.2e-6 between such graphs and between ONNX Runtime's optimization
 # levels, <= 1.4e-6 against torch; a wrong weight or adapter moves the image by > 1e-3.
 CROSS_GRAPH_ATOL = 1e-5
+# QEMU's x86 emulation (TCG) has AVX2 and FMA but no AVX-512 or VNNI: ONNX Runtime and OpenVINO take their AVX2
+# kernels (they read CPUID, which QEMU emulates; /proc/cpuinfo still shows the host's flags).
+EMULATED_AVX2_CPU = "Haswell"
+
+
+def run_on_emulated_avx2(code: str, *args: str) -> str:
+    """Run Python `code` with `args` on an emulated AVX2-only x86-64 CPU (qemu-user); return its stdout. Skips
+    where qemu-x86_64 cannot run, except in CI (.ci/run installs it: the check must not vanish silently there)."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if platform.machine() != "x86_64":
+        pytest.skip("emulates an x86-64 CPU under qemu-user, on x86-64 hosts")
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("qemu-x86_64 is missing (apt-get install qemu-user)")
+        pytest.skip("needs qemu-x86_64 to emulate an AVX2-only CPU (apt-get install qemu-user)")
+    run = subprocess.run([qemu, "-cpu", EMULATED_AVX2_CPU, sys.executable, "-c", code, *args], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, lcm=True, **overrides):

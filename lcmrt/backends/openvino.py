@@ -2,8 +2,10 @@
 
 A component is read from the OpenVINO model the build saved beside its ONNX graph (`<component>.openvino.xml`,
 its weights memory-mapped from the `.bin` beside it), or from the fp32 ONNX graph in a folder built without
-one, and compiled at fp32: the CPU plugin would otherwise run bf16 on CPUs that have it. Compiled models go
-to OpenVINO's model cache, so a second load reads the compiled blob instead of compiling again.
+one; with precision "int8", from its int8-weight model (`<component>.openvino-int8.xml`, made by
+`lcmrt.engines.openvino_int8`) where the build made one. Models are compiled to compute in fp32: the CPU
+plugin would otherwise run bf16 on CPUs that have it. Compiled models go to OpenVINO's model cache, so a
+second load reads the compiled blob instead of compiling again.
 
 Adapters: a compiled model holds its weights in the plugin's own layout and has no call that replaces them,
 so the weights adapters target (the folder's refit-inputs list, `lcmrt.export.adapters`) become model
@@ -21,10 +23,12 @@ import numpy as np
 from ..adapters import map_base
 from ..errors import BackendError
 from ..mapped_files import files_or_under, page_out
-from ..manifest import FP32, OPENVINO, REFIT_INPUTS, VERIFIED_CACHE, Manifest, verify_component
+from ..manifest import FP32, INT8, OPENVINO, OPENVINO_INT8, REFIT_INPUTS, VERIFIED_CACHE, Manifest, verify_component
 from .base import Backend, Session, TensorSpec, describe
 
 INSTALL_HINT = 'Install it with `pip install "lcmrt[openvino]"`.'
+# precision -> the variant holding that precision's OpenVINO model (components without one run fp32)
+MODELS = {FP32: OPENVINO, INT8: OPENVINO_INT8}
 CACHE_DIR = VERIFIED_CACHE.parent / "openvino"  # compiled models, keyed by OpenVINO from model and device
 _LISTED = 5
 
@@ -53,10 +57,10 @@ class OpenVinoBackend(Backend):
                  cache_dir: str | Path | None = None):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise BackendError(f"threads must be a positive integer, got {threads!r}.")
-        if precision != FP32:
-            raise BackendError(f"The openvino backend runs fp32 graphs; precision {precision!r} is an ONNX Runtime "
-                               "option. Load without precision, or with backend 'onnxruntime'.")
-        self.precision = precision
+        if precision not in MODELS:
+            raise BackendError(f"The openvino backend runs {' or '.join(MODELS)} models; precision {precision!r} is "
+                               "an ONNX Runtime option. Load with one of those, or with backend 'onnxruntime'.")
+        self.precision = precision  # "int8": a component's int8-weight model where built, else its fp32 one
         self.ov = _openvino()
         self.core = self.ov.Core()
         self.config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -68,9 +72,10 @@ class OpenVinoBackend(Backend):
     def load(self, folder: Path, manifest: Manifest | dict, component: str, weights: dict | None = None) -> "OvSession":
         folder, manifest = Path(folder), Manifest.of(manifest)
         entry = manifest.component(component)
-        if OPENVINO in entry.variants:
-            path = verify_component(folder, manifest, component, OPENVINO)
-            files = entry.variants[OPENVINO].sha256
+        variant = next((v for v in (MODELS[self.precision], OPENVINO) if v in entry.variants), FP32)
+        if variant != FP32:
+            path = verify_component(folder, manifest, component, variant)
+            files = entry.variants[variant].sha256
         else:  # a folder built without OpenVINO installed: OpenVINO reads the ONNX graph itself
             from .onnxruntime import check_external_data
 
@@ -100,6 +105,7 @@ class OpenVinoBackend(Backend):
         page_out(mapped)  # so the next component's import does not add its pages to these
         session = OvSession(self.ov, compiled, component, path, entry,
                             {name: map_base(folder, base[name], mode="c") for name in refittable}, mapped)
+        session.precision = entry.graph(variant).precision
         if weights:
             session.refit(weights)
         return session

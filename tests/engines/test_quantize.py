@@ -1,11 +1,7 @@
 """lcmrt/engines/quantize.py: INT8 graph variants of the tiny engine folder, their fidelity against the fp32
 graphs, and loading them with precision="int8"."""
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -21,6 +17,8 @@ from lcmrt.engines.quantize import INT8_SUFFIX, quantize_folder
 from lcmrt.errors import EngineFolderError, ExportError
 from lcmrt.manifest import file_sha256, load_manifest, write_manifest
 
+from tiny_engines import EMULATED_AVX2_CPU, run_on_emulated_avx2
+
 # Whole-image bound on the tiny model (4 steps, [0, 1] images): the int8 UNet moves the image by ~2e-3
 # (measured 68.8 dB); 30 dB still catches a broken graph (those land near 10 dB).
 MIN_IMAGE_PSNR_DB = 30.0
@@ -28,9 +26,6 @@ MIN_IMAGE_PSNR_DB = 30.0
 # 0.59-0.70% (3 seeds) on AVX-512 VNNI and on an emulated AVX2 CPU; full-range weights saturating on AVX2
 # measured 5.4-6.5%. 2% holds on every x86 CPU and still catches saturation.
 MAX_UNET_RELATIVE_DIFF = 0.02
-# QEMU's x86 emulation (TCG) has AVX2 and FMA but no AVX-512 or VNNI: ONNX Runtime takes its AVX2 kernels.
-QEMU = shutil.which("qemu-x86_64")
-EMULATED_AVX2_CPU = "Haswell"
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +93,8 @@ print(json.dumps(result))
 def test_int8_is_accurate_on_an_avx2_cpu_without_vnni(int8_engine, full_range_int8_engine):
     """Whatever CPU runs the suite, measure the int8 graphs on an emulated AVX2-only CPU, where u8s8 products
     saturate: 7-bit weights stay within the bound, full-range weights do not (so the bound can fail)."""
-    if platform.machine() != "x86_64":
-        pytest.skip("emulates an x86-64 CPU under qemu-user, on x86-64 hosts")
-    if QEMU is None:
-        if os.environ.get("CI") == "true":  # .ci/run installs it: the check must not vanish silently there
-            pytest.fail("qemu-x86_64 is missing (apt-get install qemu-user)")
-        pytest.skip("needs qemu-x86_64 to emulate an AVX2-only CPU (apt-get install qemu-user)")
-    run = subprocess.run([QEMU, "-cpu", EMULATED_AVX2_CPU, sys.executable, "-c", _EMULATED_FIDELITY,
-                          str(int8_engine), str(full_range_int8_engine)], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    stdout = run_on_emulated_avx2(_EMULATED_FIDELITY, str(int8_engine), str(full_range_int8_engine))
+    result = json.loads(stdout.strip().splitlines()[-1])
     seven_bit, full_range = result[str(int8_engine)], result[str(full_range_int8_engine)]
     print(f"emulated {EMULATED_AVX2_CPU}: int8 UNet vs fp32, 7-bit weights {seven_bit:.2%} of peak, "
           f"full-range {full_range:.2%}")
