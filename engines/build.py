@@ -94,6 +94,12 @@ def add_engines(folder: str | Path, req: EngineRequest, stages: Stages | None = 
 
 
 def _add_engines(folder: Path, manifest: Manifest, req: EngineRequest, stages: Stages, log) -> dict:
+    from .refit_factors import factor_graphs_current, write_factor_graphs
+
+    if not factor_graphs_current(folder, manifest):  # a folder built before them, or whose adapters outgrew them
+        with stages.stage("refit factor graphs"):
+            write_factor_graphs(folder, manifest)
+            commit(folder, manifest)
     if req.ort_cpu_graphs:
         from .ort_optimize import optimize_folder
 

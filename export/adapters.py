@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from ..errors import AdapterError
+from ..engines.refit_factors import write_factor_graphs
 from ..families import PENULTIMATE_HIDDEN_STATE, Family
 from ..folder_update import changing, commit, fresh_graph_name, scratch_folder
 from ..manifest import ADAPTER_DIR, REFIT_INPUTS, Manifest, file_sha256, read_manifest
@@ -222,6 +223,7 @@ def add_adapter(folder: Path, spec: LoraSpec, allow_pickle: bool = False) -> dic
         record = {**record, "weight": 0.0}  # an added adapter starts switched off
         manifest.add_adapter(record)
         write_refit_input_graphs(folder, manifest)
+        write_factor_graphs(folder, manifest)  # the new adapter's ranks widen the branches
         commit(folder, manifest)
     return record
 

@@ -268,6 +268,7 @@ def _export_folder(req: BuildRequest, tmp: Path, stages: Stages) -> None:
     # heavy imports here, so `lcmrt build --help` and the error checks above stay instant
     from diffusers import LCMScheduler
 
+    from ..engines.refit_factors import write_factor_graphs
     from .adapters import (build_refit_map, model_configs, pack_adapter, refittable_components,
                            write_refit_input_graphs)
     from .loading import load_model
@@ -339,4 +340,5 @@ def _export_folder(req: BuildRequest, tmp: Path, stages: Stages) -> None:
     }
     if req.keeps_refit_map:
         write_refit_input_graphs(tmp, manifest)
+        write_factor_graphs(tmp, manifest)
     write_manifest(tmp, manifest)

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .errors import AdapterError, EngineFolderError
-from .manifest import REFIT_FIX, Manifest, RefitEntry, folder_file, verify_files
+from .manifest import REFIT_FIX, FactorInputs, Manifest, RefitEntry, folder_file, verify_files
 
 READD = "Re-add the adapter with `lcmrt adapter add`."
 
@@ -95,16 +95,59 @@ class AdapterBank:
                     contributions.setdefault(module, []).append((name, weight))
         return {m: tuple(c) for m, c in contributions.items()}
 
-    def weights_for(self, old: dict[str, float], new: dict[str, float]) -> dict[str, dict[str, np.ndarray]]:
-        """Graph weights that differ between two adapter sets, computed for `new`:
-        {component: {initializer name: array}}."""
+    def changed(self, old: dict[str, float], new: dict[str, float]) -> dict[str, list[str]]:
+        """{component: modules} whose weights differ between two adapter sets."""
         before, after = self._contributions(old), self._contributions(new)
-        changed = sorted(m for m in set(before) | set(after) if before.get(m) != after.get(m))
-        updates: dict[str, dict[str, np.ndarray]] = {}
-        for module in changed:
-            entry = self.refit_map[module]
-            updates.setdefault(entry.component, {})[entry.weight] = self._weight(module, after.get(module, ()))
-        return updates
+        changed: dict[str, list[str]] = {}
+        for module in sorted(m for m in set(before) | set(after) if before.get(m) != after.get(m)):
+            changed.setdefault(self.refit_map[module].component, []).append(module)
+        return changed
+
+    def weights_for(self, old: dict[str, float], new: dict[str, float],
+                    components: set[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Graph weights that differ between two adapter sets, computed for `new` (only for `components`, if
+        given): {component: {initializer name: array}}."""
+        after = self._contributions(new)
+        return {component: {self.refit_map[m].weight: self._weight(m, after.get(m, ())) for m in modules}
+                for component, modules in self.changed(old, new).items() if components is None or component in components}
+
+    def merged(self, active: dict[str, float], component: str) -> dict[str, np.ndarray]:
+        """The graph weights of `component` that `active` changes from the base: {initializer name: array}."""
+        return self.weights_for({}, active, {component}).get(component, {})
+
+    def factors_for(self, active: dict[str, float], component: str,
+                    inputs: dict[str, FactorInputs]) -> dict[str, np.ndarray]:
+        """The factor inputs of `component`'s refit-factors graph ({module: FactorInputs}) for `active`: per module the
+        active adapters' down factors stacked along the rank, and their up factors times weight and scale,
+        zeros in the rank left over (lcmrt.engines.lowrank_graph has the math and layouts)."""
+        contributions = {m: c for m, c in self._contributions(active).items()
+                         if self.refit_map[m].component == component}
+        outgrown = sorted(set(contributions) - set(inputs))
+        if outgrown:
+            raise AdapterError(f"The refit-factors graphs of {self.folder} have no low-rank branch for "
+                               f"{len(outgrown)} module(s) these adapters change, e.g. {', '.join(outgrown[:3])}. "
+                               f"Rebuild them with `lcmrt build --engines-only {self.folder}`, or load with "
+                               "refit='background'.")
+        feeds = {}
+        for module, factors in inputs.items():
+            shape = self.refit_map[module].shape  # [out, in] or [out, in, kh, kw]
+            down = np.zeros((factors.rank, *shape[1:]), np.float32)
+            up = np.zeros((shape[0], factors.rank, *((1, 1) if len(shape) == 4 else ())), np.float32)
+            rank = 0
+            for name, weight in contributions.get(module, ()):
+                d, u, scale = self.pack(name)[module]
+                if rank + d.shape[0] > factors.rank or d.shape[1:] != down.shape[1:] or u.shape[0] != shape[0]:
+                    raise AdapterError(f"Adapter {name!r} changes {module} with factors {list(u.shape)} x "
+                                       f"{list(d.shape)}, which the low-rank branch of rank {factors.rank} for its "
+                                       f"{list(shape)} weight cannot hold. Rebuild the refit-factors graphs with "
+                                       f"`lcmrt build --engines-only {self.folder}`.")
+                down[rank:rank + d.shape[0]] = d
+                up[:, rank:rank + d.shape[0]] = u * np.float32(weight * scale)
+                rank += d.shape[0]
+            if len(shape) == 2:  # a Linear's branch is x @ D^T @ U^T
+                down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
+            feeds[factors.down], feeds[factors.up] = down, up
+        return feeds
 
     def _weight(self, module: str, contributions: tuple) -> np.ndarray:
         entry = self.refit_map[module]

@@ -28,6 +28,9 @@ FP32, FP16, INT8 = "fp32", "fp16", "int8"
 GRAPH_PRECISIONS = (FP32, FP16, INT8)  # a component without a variant runs its fp32 graph
 PRE_OPTIMIZED = "ort-cpu"  # written by lcmrt.engines.ort_optimize: ONNX Runtime's CPU optimizations applied
 REFIT_INPUTS = "refit-inputs"  # written by lcmrt.export.adapters: refit weights declared as graph inputs
+# written by lcmrt.engines.refit_factors: each refittable module with a low-rank branch whose factors are graph
+# inputs (`factors`: module -> its down and up input names and total rank; lcmrt.engines.lowrank_graph)
+REFIT_FACTORS = "refit-factors"
 # written by lcmrt.engines.openvino_ir: the fp32 graph in OpenVINO's own format, `<component>.openvino.xml`
 # with its weights in `.bin` beside it; and by lcmrt.engines.openvino_int8: that model with int8 weights
 OPENVINO = "openvino"
@@ -288,6 +291,7 @@ class Variant:
     sha256: dict
     precision: str
     weight_inputs: tuple[str, ...]  # refit-inputs: the graph weights declared as inputs
+    factors: dict  # refit-factors: module -> FactorInputs
     key: dict | None  # ort-cpu: the ONNX Runtime version and CPU the graph was optimized for
     data: dict  # the raw entry: a variant's other fields (fidelity, quantization) are read by its maker
 
@@ -297,8 +301,26 @@ class Variant:
         hashes = _hashes(d, "sha256", path)
         if file not in hashes:
             raise _error(f"{path}.sha256", f"has no hash of its graph {file!r}", REBUILD)
+        factors = {module: FactorInputs.parse(e, f"{path}.factors.{module}")
+                   for module, e in _field(d, "factors", dict, path, {}).items()}
         return cls(name, file, hashes, _field(d, "precision", str, path, precision),
-                   _list_of(d, "weight_inputs", str, path, ()), _field(d, "key", dict, path, None), d)
+                   _list_of(d, "weight_inputs", str, path, ()), factors, _field(d, "key", dict, path, None), d)
+
+
+@dataclass(frozen=True)
+class FactorInputs:
+    """The graph inputs of one module's low-rank branch in a refit-factors graph and its total rank R. Layouts:
+    Linear down [in, R], up [R, out]; Conv2d down [R, in, kh, kw], up [out, R, 1, 1]."""
+    down: str
+    up: str
+    rank: int
+
+    @classmethod
+    def parse(cls, d, path: str) -> "FactorInputs":
+        rank = _field(d, "rank", int, path)
+        if rank < 1:
+            raise _error(f"{path}.rank", f"is {rank}; a low-rank branch has rank >= 1", REBUILD)
+        return cls(_field(d, "down", str, path), _field(d, "up", str, path), rank)
 
 
 @dataclass(frozen=True)

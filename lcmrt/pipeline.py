@@ -162,10 +162,14 @@ class Pipeline:
         engine = folder_backend(folder, manifest, backend, backend_options)
         bank = AdapterBank(folder, manifest)
         active = bank.check(bank.defaults() if adapters is None else adapters)
-        initial = bank.weights_for({}, active)
+        # components that take low-rank factors get them after loading; the others their merged weights at once
+        by_factors = {name for name in manifest.family_info.components if engine.factor_inputs(manifest, name)}
+        initial = bank.weights_for({}, active, set(manifest.family_info.components) - by_factors)
         sessions = {}
         for name in manifest.family_info.components:
             sessions[name] = engine.load(folder, manifest, name, weights=initial.get(name))
+            if name in by_factors and name in bank.changed({}, active):
+                _switch(sessions[name], bank, name, active, initial)()
         precision = backend_options.get("precision")
         if precision not in (None, "fp32") and all(s.precision != precision for s in sessions.values()):
             flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, f"--{precision}")
@@ -186,22 +190,26 @@ class Pipeline:
         """Switch the refittable adapters to `adapters` ({name: weight}; unlisted ones are switched off).
 
         Weights are computed from the pristine base, so any sequence of switches ends in the same state as
-        switching once. Transactional: every new weight is computed before any is applied, and if applying
-        fails, the components already switched are restored and the previous set stays active."""
+        switching once. Transactional: every new weight (or, with refit="factors", every low-rank factor) is
+        computed before any is applied, and if applying fails, the components already switched are restored and
+        the previous set stays active."""
         _check_adapter_types(adapters)
         with self._lock.exclusive():  # no generation runs with half the components switched
             new = self._bank.check(adapters)
-            updates = self._bank.weights_for(self._active, new)
+            changed = self._bank.changed(self._active, new)
+            by_weights = {c for c in changed if not self.sessions[c].factor_inputs}  # the others bind factors
+            updates = self._bank.weights_for(self._active, new, by_weights)
+            switches = {c: _switch(self.sessions[c], self._bank, c, new, updates) for c in changed}
             applied = []
             try:
-                for component, weights in updates.items():
-                    self.sessions[component].refit(weights)
+                for component, switch in switches.items():
+                    switch()
                     applied.append(component)
             except Exception as e:
-                restore = self._bank.weights_for(new, self._active)
+                restore = self._bank.weights_for(new, self._active, by_weights)
                 try:
                     for component in applied:
-                        self.sessions[component].refit(restore[component])
+                        _switch(self.sessions[component], self._bank, component, self._active, restore)()
                 except Exception as restore_error:
                     raise AdapterError(
                         f"Switching adapters to {adapters} failed ({e}), and restoring {', '.join(applied)} failed "
@@ -209,14 +217,14 @@ class Pipeline:
                 raise AdapterError(f"Switching adapters to {adapters} failed, the previous set {self.adapters} is "
                                    f"still active: {e}") from e
             self._active = new
-            if set(updates) & set(self.family.text_encoders):
+            if set(changed) & set(self.family.text_encoders):
                 self._text_encoder_set = _set_key(new)
                 with self._cache_lock:
                     self._prompt_cache.clear()
 
     def settle(self, timeout: float | None = None) -> bool:
-        """Wait until every component runs at its full speed after a load or `set_adapters` (refit="background"
-        builds sessions with the adapter weights baked in); False if `timeout` seconds passed first."""
+        """Wait until every component runs at its full speed after a load or `set_adapters` (refit="background" and
+        "factors" build sessions with the adapter weights baked in); False if `timeout` seconds passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         return all(session.settle(None if deadline is None else max(0.0, deadline - time.monotonic()))
                    for session in list(self.sessions.values()))
@@ -727,6 +735,16 @@ def _check_adapter_types(adapters) -> None:
             raise AdapterError(f"Adapter names must be strings, got {name!r} ({type(name).__name__}).")
         if _finite_number(weight) is None:
             raise AdapterError(f"Adapter {name!r} has weight {weight!r}; weights must be finite numbers.")
+
+
+def _switch(session, bank: AdapterBank, component: str, active: dict[str, float], weights: dict):
+    """What switches one component's session to the adapter set `active`, its arrays computed now, applied when
+    called: low-rank factors where the session takes them (the merged weights are computed later, by its
+    background thread), else `weights[component]`."""
+    if session.factor_inputs:
+        factors = bank.factors_for(active, component, session.factor_inputs)
+        return lambda: session.refit_factors(factors, lambda: bank.merged(active, component))
+    return lambda: session.refit(weights[component])
 
 
 def _set_key(active: dict[str, float]) -> tuple:

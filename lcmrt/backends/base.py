@@ -29,6 +29,7 @@ class Session(ABC):
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     precision: str = "fp32"  # of the loaded graph or engine
+    factor_inputs: dict = {}  # refit by low-rank factors (module -> manifest.FactorInputs): refit_factors takes them
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,6 +62,12 @@ class Session(ABC):
         """Replace graph weights (by graph initializer name) in place. Only refittable folders need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot refit weights")
 
+    def refit_factors(self, factors: dict[str, np.ndarray], merged) -> None:
+        """Swap adapters by binding new low-rank factors (input name -> array) to the graph's low-rank branches
+        (sessions with `factor_inputs`); `merged()` gives the merged weights (initializer name -> array) of the
+        same set, which a faster session may bake in meanwhile."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take low-rank factors")
+
     def settle(self, timeout: float | None = None) -> bool:
         """Wait until work a refit left running in the background (a faster session being built) is done; False
         if `timeout` seconds passed first. Sessions without such work return True at once."""
@@ -74,6 +81,11 @@ class Backend(ABC):
     def load(self, folder: Path, manifest: dict, component: str, weights: dict | None = None) -> Session:
         """Load `component` of the engine folder, after checking its files against the manifest's hashes.
         `weights` (graph initializer name -> array) replace graph weights from the start, as `refit` would."""
+
+    def factor_inputs(self, manifest, component: str) -> dict:
+        """The low-rank factor inputs (module -> manifest.FactorInputs) `load` gives `component`'s session, which
+        then swaps adapters by `refit_factors` and takes no `weights`; {} for backends that refit weights."""
+        return {}
 
 
 def fits(shape: tuple, expected: tuple) -> bool:

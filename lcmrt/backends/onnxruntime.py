@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from ..cpu import cpu_description, int8_accuracy_warning
 from ..errors import BackendError, EngineFolderError
-from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REBUILD, REFIT_INPUTS, TRT_CACHE_DIR, Manifest,
-                        verify_component, with_size_dims)
+from ..manifest import (FP32, GRAPH_PRECISIONS, INT8, PRE_OPTIMIZED, REBUILD, REFIT_FACTORS, REFIT_INPUTS, TRT_CACHE_DIR,
+                        Manifest, verify_component, with_size_dims)
 from .base import Backend, Session, TensorSpec, describe
 
 PROVIDERS = {
@@ -43,7 +43,7 @@ _ONNX_DTYPES = {
     9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
 }
 PRECISIONS = GRAPH_PRECISIONS
-REFIT_MODES = ("auto", "inputs", "session", "background")
+REFIT_MODES = ("auto", "inputs", "session", "background", "factors")
 _LISTED = 5  # names shown in an error before "..."
 
 
@@ -80,9 +80,12 @@ class OnnxRuntimeBackend(Backend):
         # weight computation; ONNX Runtime cannot pre-pack those weights). "session": baked into a new
         # session (full speed between swaps; a swap costs a session creation). "background" (CPU): as
         # "inputs" at once, and a session with the weights baked in is built in a background thread and
-        # takes over when ready. GPU providers keep weights on the device, so they take "session".
-        if refit == "background" and device != "cpu":
-            raise BackendError("refit='background' is for the CPU provider; GPU providers refit by session.")
+        # takes over when ready. "factors" (CPU): like "background", but runs meanwhile use the refit-factors graph
+        # (lcmrt.engines.lowrank_graph), so a swap binds the adapters' own low-rank factors and computes no
+        # merged weight; the background thread computes those and builds the session. GPU providers keep
+        # weights on the device, so they take "session".
+        if refit in ("background", "factors") and device != "cpu":
+            raise BackendError(f"refit={refit!r} is for the CPU provider; GPU providers refit by session.")
         self.refit = refit if refit != "auto" else ("inputs" if device == "cpu" else "session")
 
     @staticmethod
@@ -90,20 +93,23 @@ class OnnxRuntimeBackend(Backend):
         installed = ort.get_available_providers()
         return [device for device, provider in PROVIDERS.items() if provider in installed]
 
+    def factor_inputs(self, manifest: Manifest | dict, component: str) -> dict:
+        variants = Manifest.of(manifest).component(component).variants
+        if self.refit == "factors" and self.precision == FP32 and REFIT_FACTORS in variants:
+            return variants[REFIT_FACTORS].factors
+        return {}
+
     def load(self, folder: Path, manifest: Manifest | dict, component: str, weights: dict | None = None) -> OrtSession:
         folder, manifest = Path(folder), Manifest.of(manifest)
         variants = manifest.component(component).variants
+        if self.precision == FP32 and self.refit == "factors" and {REFIT_INPUTS, REFIT_FACTORS} & set(variants):
+            if REFIT_FACTORS not in variants:
+                raise EngineFolderError(f"{folder} has no refit-factors graph of its {component}, which refit='factors' "
+                                        f"runs. Add it with `lcmrt build --engines-only {folder}`, or load with "
+                                        "refit='background'.")
+            return self._load_refit_graph(folder, manifest, component, REFIT_FACTORS, weights)
         if self.refit in ("inputs", "background") and REFIT_INPUTS in variants and self.precision == FP32:
-            path = verify_component(folder, manifest, component, REFIT_INPUTS)
-            check_external_data(path, set(variants[REFIT_INPUTS].sha256))
-            fused_graph = None
-            if self.refit == "background":  # the plain graph, which the background session bakes weights into
-                fused_graph = verify_component(folder, manifest, component, FP32)
-                check_external_data(fused_graph, set(manifest.component(component).graph_fp32.sha256))
-            session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
-                                 weight_inputs=list(variants[REFIT_INPUTS].weight_inputs), fused_graph=fused_graph)
-            session.precision = variants[REFIT_INPUTS].precision
-            return session
+            return self._load_refit_graph(folder, manifest, component, REFIT_INPUTS, weights)
         variant = self.precision
         pre_optimized = (self.device == "cpu" and not weights
                          and manifest.component(component).graph(self.precision).precision == FP32
@@ -119,6 +125,23 @@ class OnnxRuntimeBackend(Backend):
         session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
                              optimize=not pre_optimized)
         session.precision = graph.precision
+        return session
+
+    def _load_refit_graph(self, folder: Path, manifest: Manifest, component: str, name: str,
+                          weights: dict | None) -> OrtSession:
+        """A session of a graph that takes adapters as inputs: weights (refit-inputs) or low-rank factors."""
+        variant = manifest.component(component).variants[name]
+        path = verify_component(folder, manifest, component, name)
+        check_external_data(path, set(variant.sha256))
+        fused_graph = None
+        if self.refit in ("background", "factors"):  # the plain graph, which the background session bakes weights into
+            fused_graph = verify_component(folder, manifest, component, FP32)
+            check_external_data(fused_graph, set(manifest.component(component).graph_fp32.sha256))
+        inputs = list(variant.weight_inputs) + [n for f in variant.factors.values() for n in (f.down, f.up)]
+        session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
+                             weight_inputs=inputs, fused_graph=fused_graph, factor_inputs=variant.factors,
+                             fused_weights=[manifest.refit_map[m].weight for m in variant.factors])
+        session.precision = variant.precision
         return session
 
     def _providers(self, folder: Path) -> list:
@@ -145,7 +168,8 @@ class OnnxRuntimeBackend(Backend):
 class OrtSession(Session):
     def __init__(self, path: Path, component: str, providers: list, threads: int | None,
                  weights: dict[str, np.ndarray] | None = None, device_id: int = 0, optimize: bool = True,
-                 weight_inputs: list[str] | None = None, prepack: bool = True, fused_graph: Path | None = None):
+                 weight_inputs: list[str] | None = None, prepack: bool = True, fused_graph: Path | None = None,
+                 factor_inputs: dict | None = None, fused_weights: list[str] = ()):
         self.path = Path(path)
         self.component = component
         self._providers = providers
@@ -157,9 +181,11 @@ class OrtSession(Session):
         self._prepack = prepack
         # Arrays handed to ONNX Runtime as initializers: it may read them in place, so they must outlive the session.
         self._initializers: dict[str, tuple[TensorSpec, str | None]] | None = None  # read on first refit
-        # Refit by inputs: these graph inputs are weights (their initializers are the defaults), fed from
-        # _weight_feeds with every run; otherwise refit re-creates the session with external initializers.
+        # Refit by inputs: these graph inputs are weights (their initializers are the defaults), or the low-rank
+        # factors of `factor_inputs` (module -> FactorInputs; no defaults), fed from _weight_feeds with every run;
+        # otherwise refit re-creates the session with external initializers.
         self._weight_inputs = set(weight_inputs or ())
+        self.factor_inputs = dict(factor_inputs or {})
         self._weight_feeds: dict[str, np.ndarray] = {}
         self._weight_version = 0  # bumped when _weight_feeds change, so device bindings copy them in again
         self._weights = self._checked(weights) if weights and not self._weight_inputs else {}
@@ -168,15 +194,21 @@ class OrtSession(Session):
         # (version, session), and the thread building it
         self._fused_graph = None if fused_graph is None else Path(fused_graph)
         self._fused: tuple[int, ort.InferenceSession] | None = None
+        self._bake = dict  # () -> the weights the background session bakes in (initializer name -> array)
         self._fuser: threading.Thread | None = None
         self._fuse_error: Exception | None = None
         self._fuse_lock = threading.Condition()
         if self._fused_graph is not None:
-            self._check_fusable()
+            # the weights the background session bakes in: the weight inputs, or the factored modules' weights
+            self._check_fusable(weight_inputs if not self.factor_inputs else fused_weights)
         # ONNX Runtime lists initializers that are also graph inputs apart from the inputs, as overridable
-        self._weight_specs = {arg.name: self._spec(arg) for arg in self._session.get_overridable_initializers()
+        self._weight_specs = {arg.name: self._spec(arg) for arg in [*self._session.get_overridable_initializers(),
+                                                                    *self._session.get_inputs()]
                               if arg.name in self._weight_inputs}
-        self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()}
+        self.inputs = {arg.name: self._spec(arg) for arg in self._session.get_inputs()
+                       if arg.name not in self._weight_inputs}
+        if self.factor_inputs:  # all zeros: every branch off, the base model
+            self._weight_feeds = {name: np.zeros(spec.shape, spec.dtype) for name, spec in self._weight_specs.items()}
         if weights and self._weight_inputs:
             self.refit(weights)
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
@@ -263,11 +295,7 @@ class OrtSession(Session):
                 "weights. Use the tensorrt backend (native refit) or onnxruntime-cuda for adapter swaps.")
         if self._weight_inputs:
             feeds = {**self._weight_feeds, **self._checked_inputs(weights)}
-            with self._fuse_lock:
-                self._weight_feeds, self._fused = feeds, None  # the old baked session is stale: free it now
-                self._weight_version += 1
-            if self._fused_graph is not None:
-                self._fuse_in_background()
+            self._swap_feeds(feeds, lambda: feeds)
             return
         arrays = self._checked(weights)
         merged = {**self._weights, **arrays}
@@ -275,8 +303,29 @@ class OrtSession(Session):
         self._session, self._weights = session, merged
         self._binding = self._new_binding()  # buffers and captured graphs belong to the old session
 
+    def refit_factors(self, factors: dict[str, np.ndarray], merged) -> None:
+        """refit="factors": bind the low-rank factors of a new adapter set (all or nothing: checked first), and
+        have the background thread bake `merged()` (that set's merged weights) into a session of the plain graph.
+        The arrays are not copied: do not modify them afterwards."""
+        if not self.factor_inputs:
+            raise BackendError(f"{self.path.name} has no low-rank factor inputs; load the folder with refit='factors'.")
+        missing = sorted(set(self._weight_specs) - set(factors))
+        if missing:
+            raise BackendError(f"{len(missing)} factor input(s) of {self.path.name} were not given: {_some(missing)}. "
+                               "Pass every module's factors (lcmrt.adapters.AdapterBank.factors_for).")
+        self._swap_feeds(self._checked_inputs(factors), merged)
+
+    def _swap_feeds(self, feeds: dict[str, np.ndarray], bake) -> None:
+        """Runs take `feeds` from now on; the background session (refit="background" or "factors") is rebuilt
+        with `bake()`."""
+        with self._fuse_lock:
+            self._weight_feeds, self._bake, self._fused = feeds, bake, None  # the old baked session is stale: free it
+            self._weight_version += 1
+        if self._fused_graph is not None:
+            self._fuse_in_background()
+
     def settle(self, timeout: float | None = None) -> bool:
-        """refit="background": wait until the session with the current weights baked in runs (True), or
+        """refit="background" or "factors": wait until the session with the current weights baked in runs (True), or
         `timeout` seconds pass (False). A failed background build raises its BackendError here."""
         with self._fuse_lock:
             done = self._fuse_lock.wait_for(lambda: self._fused_graph is None or self._fuse_error is not None
@@ -288,11 +337,11 @@ class OrtSession(Session):
                                    "refit='inputs' to skip it.") from self._fuse_error
             return done
 
-    def _check_fusable(self) -> None:
-        """Every weight input must be an initializer the plain graph keeps as external data, so ONNX Runtime can
-        replace it (`add_external_initializers`): check once, not in a background thread."""
+    def _check_fusable(self, names) -> None:
+        """Every weight the background session bakes in must be an initializer the plain graph keeps as external
+        data, so ONNX Runtime can replace it (`add_external_initializers`): check once, not in a background thread."""
         table = read_initializers(self._fused_graph)
-        bad = [name for name in self._weight_inputs if name not in table or table[name][1] is None]
+        bad = [name for name in names if name not in table or table[name][1] is None]
         if bad:
             raise BackendError(f"{self._fused_graph.name} cannot take {len(bad)} weight input(s) of {self.path.name} "
                                f"as external initializers ({_some(bad)}). Rebuild the folder with `lcmrt build "
@@ -310,9 +359,9 @@ class OrtSession(Session):
         a refit meanwhile makes the session being built stale, and the loop builds again."""
         while True:
             with self._fuse_lock:
-                version, weights = self._weight_version, self._weight_feeds
+                version, bake = self._weight_version, self._bake
             try:
-                session = self._create(weights, self._fused_graph)
+                session = self._create(bake(), self._fused_graph)
             except Exception as e:
                 with self._fuse_lock:
                     self._fuse_error, self._fuser = e, None
