@@ -21,13 +21,14 @@ from .lowrank_graph import Branch, add_lowrank_branches
 def factor_ranks(folder: Path, manifest: Manifest) -> dict[str, dict[str, int]]:
     """{component: {module: total rank}} over the folder's swappable adapters (read from the packs' headers)."""
     ranks: dict[str, dict[str, int]] = {}
+    refit_map = manifest.refit_map
     for adapter in manifest.adapters:
         if adapter.fused or adapter.pack is None:
             continue
         with safe_open(str(folder_file(folder, adapter.pack)), "np") as pack:
             for module in adapter.targets:
                 rank = pack.get_slice(f"{module}.down").get_shape()[0]
-                component = manifest.refit_map[module].component
+                component = refit_map[module].component
                 ranks.setdefault(component, {})[module] = ranks.get(component, {}).get(module, 0) + rank
     return ranks
 
@@ -47,6 +48,7 @@ def write_factor_graphs(folder: Path, manifest: Manifest | dict) -> None:
     manifest = Manifest.of(manifest)
     folder = Path(folder)
     ranks = factor_ranks(folder, manifest)
+    refit_map = manifest.refit_map
     for component in manifest.components:
         if REFIT_FACTORS not in manifest.component(component).variants and component not in ranks:
             continue
@@ -56,7 +58,6 @@ def write_factor_graphs(folder: Path, manifest: Manifest | dict) -> None:
             continue
         entry = manifest.component(component).graph_fp32
         model = onnx.load(str(folder / entry.file), load_external_data=False)
-        refit_map = manifest.refit_map
         branches = [Branch(m, refit_map[m].weight, refit_map[m].transpose, rank)
                     for m, rank in sorted(ranks[component].items())]
         names = add_lowrank_branches(model, branches)

@@ -138,9 +138,10 @@ class OnnxRuntimeBackend(Backend):
             fused_graph = verify_component(folder, manifest, component, FP32)
             check_external_data(fused_graph, set(manifest.component(component).graph_fp32.sha256))
         inputs = list(variant.weight_inputs) + [n for f in variant.factors.values() for n in (f.down, f.up)]
+        refit_map = manifest.refit_map if variant.factors else {}
         session = OrtSession(path, component, self._providers(folder), self.threads, weights, self.device_id,
                              weight_inputs=inputs, fused_graph=fused_graph, factor_inputs=variant.factors,
-                             fused_weights=[manifest.refit_map[m].weight for m in variant.factors])
+                             fused_weights=[refit_map[m].weight for m in variant.factors])
         session.precision = variant.precision
         return session
 
