@@ -489,17 +489,17 @@ def test_failed_overwrite_keeps_the_old_folder(tiny_model, tiny_engine, tmp_path
 # ----------------------------------------------------------------------------- one build API for every option
 
 def test_build_request_builds_variants_in_one_call(tiny_model, tmp_path):
-    """Everything `lcmrt build` can add (CPU graphs, OpenVINO models, fp16, int8) is reachable from Python in one
-    request."""
+    """Everything `lcmrt build` can add (CPU graphs, OpenVINO models, fp16, int8 for ONNX Runtime and OpenVINO) is
+    reachable from Python in one request."""
     from lcmrt.engines.build import EngineRequest
 
     out = tmp_path / "engine"
     build_tiny_engine(tiny_model, out, style_weight=None, engines=EngineRequest(fp16=True, int8=True))
     components = manifest_of(out)["components"]
-    assert set(components["unet"]["variants"]) == {"ort-cpu", "openvino", "fp16", "int8"}
+    assert set(components["unet"]["variants"]) == {"ort-cpu", "openvino", "fp16", "int8", "openvino-int8"}
     assert set(components["text_encoder"]["variants"]) == {"ort-cpu", "openvino", "fp16"}
     assert "fp16" not in components["vae_decoder"]["variants"]  # only on request (fp16_vae)
-    for entry in (components["unet"]["variants"]["fp16"], components["unet"]["variants"]["int8"]):
+    for entry in (components["unet"]["variants"][v] for v in ("fp16", "int8", "openvino-int8")):
         assert entry["fidelity"]["finite"] and (out / entry["file"]).is_file()
 
 
