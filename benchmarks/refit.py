@@ -2,7 +2,8 @@
 
     python -m benchmarks.refit --fused results/full/style-fused --refit results/full/style-refit \
         --model results/full/sd15/model --lcm-lora results/full/sd15/lcm-lora.safetensors \
-        --lora results/full/sd15/style-r64.safetensors [--repeats 3] [--json results/refit.json]
+        --lora results/full/sd15/style-r64.safetensors [--repeats 3] [--json results/refit.json] \
+        [--contenders fused,refit-background,refit-factors] [--no-diffusers]
 
 Measures, for a folder built with `--refittable` (style adapter at 0.8) and one with the same style fused:
 swap latency of `set_adapters` in each ONNX Runtime refit mode (split into computing the weights and
@@ -10,7 +11,10 @@ applying them), the steady-state UNet step of each (rounds reloading each conten
 the outputs' difference, peak RSS of a process holding each folder (separate processes), and diffusers'
 own `load_lora_weights + set_adapters + fuse_lora` for the same swap. For refit="background": the seconds
 until the session with the weights baked in takes over (after the load, after each swap) and the UNet steps
-run meanwhile, which share the 2 cores with that build.
+run meanwhile, which share the 2 cores with that build. refit="factors" likewise, its swap binding low-rank
+factors to the refit-factors graph (`lcmrt build --engines-only FOLDER` adds it to an older folder); its
+"compute_s" is building those factors. `--contenders` picks the contenders ("fused" always runs: the
+reference); peak RSS is measured for those picked.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 from benchmarks.refit_strategies import unet_feeds
 
 SWAPS = (0.5, 0.8, 0.0, 0.8)
+CONTENDERS = ("fused", "refit-inputs", "refit-session", "refit-background", "refit-factors")
 
 
 def _load(name: str, fused_dir: str, refit_dir: str):
@@ -43,7 +48,7 @@ def _load(name: str, fused_dir: str, refit_dir: str):
 
 
 def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 2,
-                    contenders=("fused", "refit-inputs", "refit-session", "refit-background")) -> dict:
+                    contenders=CONTENDERS) -> dict:
     """UNet step of the fused folder and of the refit folder in each refit mode, in rounds that reload each
     in turn (holding two full-size folders at once needs ~16 GB), then swap timings per mode."""
     import gc
@@ -84,14 +89,18 @@ def compare_folders(fused_dir: str, refit_dir: str, repeats: int, rounds: int = 
 def _swaps(pipe, feeds, output_at_08) -> dict:
     """set_adapters through SWAPS, split into computing the weights and applying them."""
     runs = []
+    unet = pipe.sessions["unet"]
     for weight in SWAPS:
         start = time.perf_counter()
-        pipe._bank.weights_for(pipe._active, {"style": weight})
+        if unet.factor_inputs:
+            pipe._bank.factors_for({"style": weight}, "unet", unet.factor_inputs)
+        else:
+            pipe._bank.weights_for(pipe._active, {"style": weight})
         compute = time.perf_counter() - start
         start = time.perf_counter()
         pipe.set_adapters({"style": weight})
         swapped = time.perf_counter()
-        steps_meanwhile = []  # refit="background": UNet steps while the baked-in session is being built
+        steps_meanwhile = []  # refit="background"/"factors": UNet steps while the baked-in session is being built
         while not pipe.settle(timeout=0):
             step_start = time.perf_counter()
             pipe.sessions["unet"].run(feeds)
@@ -149,14 +158,23 @@ def main():
     parser.add_argument("--lora", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated, of {', '.join(CONTENDERS)}")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' own swap")
     args = parser.parse_args()
+    contenders = ("fused", *[c for c in args.contenders.split(",") if c != "fused"])
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contenders {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
 
     # peak RSS first, while this process is small
     result = {"peak_rss_gb": {"fused": peak_rss_gb(args.fused, backend="onnxruntime"),  # the UNet compare_folders times
-                              **{f"refit-{mode}{' + swap' if swap else ''}": peak_rss_gb(args.refit, swap, refit=mode)
-                                 for mode in ("inputs", "session", "background") for swap in (False, True)}}}
-    result["folders"] = compare_folders(args.fused, args.refit, args.repeats)
-    result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
+                              **{f"{name}{' + swap' if swap else ''}":
+                                 peak_rss_gb(args.refit, swap, refit=name.removeprefix("refit-"))
+                                 for name in contenders[1:] for swap in (False, True)}}}
+    result["folders"] = compare_folders(args.fused, args.refit, args.repeats, contenders=contenders)
+    if not args.no_diffusers:
+        result["diffusers"] = diffusers_swap(args.model, args.lcm_lora, args.lora)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
