@@ -3,9 +3,12 @@
 OpenVINO's CPU plugin reads a model's weights from a memory-mapped file (the saved model's `.bin`, or the
 compiled blob in its model cache), repacks them into its own buffers and keeps the mapping. The pages it read
 stay resident (file-backed: counted in RSS, dropped only under memory pressure), so the weights look held
-twice. `MADV_PAGEOUT` (Linux 5.4+) asks the kernel to reclaim them now; a page read again later is faulted
-back in from the file, so this changes memory, never results. Measured on the full-size SD1.5 UNet: RssFile
-3.42 GB -> 0.07 GB after the first run, later runs as fast, the file pages not read again.
+twice. `MADV_DONTNEED` on a read-only file mapping drops this process's pages of it at once; a page read
+again later is faulted back in from the file, so this changes memory, never results. The pages stay in the
+OS page cache, so the next process that loads the folder reads them from memory, not from disk
+(`MADV_PAGEOUT` would evict them from the cache too: measured on the full-size SD1.5 folder, the next
+process's OpenVINO load then took 17-20 s, reading ~1 GB from disk, against 4.0-4.6 s). Measured on the
+full-size SD1.5 UNet: RssFile 3.42 GB -> 0.07 GB after the first run, later runs as fast.
 """
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ import ctypes
 import sys
 from pathlib import Path
 
-MADV_PAGEOUT = 21  # linux/mman.h
+MADV_DONTNEED = 4  # linux/mman.h
 
 
-def page_out(match) -> int:
-    """Advise the kernel to reclaim this process's pages of read-only file mappings whose path satisfies `match`
+def release_pages(match) -> int:
+    """Drop this process's resident pages of read-only file mappings whose path satisfies `match`
     (a predicate on the path string); return the bytes advised. Writable mappings (copy-on-write arrays whose
     pages may hold written data) are left alone. Does nothing off Linux or where madvise refuses."""
     if not sys.platform.startswith("linux"):
@@ -35,13 +38,13 @@ def page_out(match) -> int:
         if len(parts) < 6 or "w" in parts[1] or not match(parts[5].rstrip("\n")):
             continue
         low, high = (int(x, 16) for x in parts[0].split("-"))
-        if madvise(low, high - low, MADV_PAGEOUT) == 0:
+        if madvise(low, high - low, MADV_DONTNEED) == 0:
             advised += high - low
     return advised
 
 
 def files_or_under(files, folders):
-    """A `page_out` predicate: one of `files`, or a file inside one of `folders`."""
+    """A `release_pages` predicate: one of `files`, or a file inside one of `folders`."""
     names = {str(Path(file).resolve()) for file in files}
     prefixes = tuple(str(Path(folder).resolve()) + "/" for folder in folders)
     return lambda path: path in names or path.startswith(prefixes)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapters import map_base
 from ..errors import BackendError
-from ..mapped_files import files_or_under, page_out
+from ..mapped_files import files_or_under, release_pages
 from ..manifest import FP32, INT8, OPENVINO, OPENVINO_INT8, REFIT_INPUTS, VERIFIED_CACHE, Manifest, verify_component
 from .base import Backend, Session, TensorSpec, describe
 
@@ -102,7 +102,7 @@ class OpenVinoBackend(Backend):
         # another backend's files: ONNX Runtime reads its mapped weights at every run)
         mapped = files_or_under([path.with_suffix(".bin")] if path.suffix == ".xml" else [],
                                 [self.config["CACHE_DIR"]] if "CACHE_DIR" in self.config else [])
-        page_out(mapped)  # so the next component's import does not add its pages to these
+        release_pages(mapped)  # so the next component's import does not add its pages to these
         session = OvSession(self.ov, compiled, component, path, entry,
                             {name: map_base(folder, base[name], mode="c") for name in refittable}, mapped)
         session.precision = entry.graph(variant).precision
@@ -149,7 +149,7 @@ def _weights_to_inputs(ov, model, names: set[str]) -> dict[str, tuple]:
 class OvSession(Session):
     def __init__(self, ov, compiled, component: str, path: Path, entry, base: dict[str, np.ndarray], mapped=None):
         self.ov, self.compiled, self.component, self.path = ov, compiled, component, Path(path)
-        self._mapped = mapped  # after the first run: page out the files OpenVINO read its weights from
+        self._mapped = mapped  # after the first run: release the pages of the files OpenVINO read its weights from
         # the graph's own inputs and outputs, as the manifest records them (dimension names included)
         self.inputs = {t.name: TensorSpec(t.name, t.shape, np.dtype(t.dtype)) for t in entry.inputs}
         self.outputs = {t.name: TensorSpec(t.name, t.shape, np.dtype(t.dtype)) for t in entry.outputs}
@@ -176,7 +176,7 @@ class OvSession(Session):
                 self._idle.append(slot)
         if self._mapped is not None:  # its weights are repacked by now: drop the file pages it read them from
             mapped, self._mapped = self._mapped, None
-            page_out(mapped)
+            release_pages(mapped)
         return outputs
 
     def _take(self) -> list:

@@ -1,16 +1,27 @@
-"""page_out: drops this process's pages of read-only file mappings that match, leaves others alone, and never
+"""release_pages: drops this process's pages of read-only file mappings that match, leaves others alone, and never
 changes what the mapping reads."""
 import sys
 
 import numpy as np
 import pytest
 
-from lcmrt.mapped_files import files_or_under, page_out
+from lcmrt.mapped_files import files_or_under, release_pages
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED is Linux's")
 
 
-def test_page_out_advises_matching_read_only_mappings(tmp_path):
+def resident_bytes(path) -> int:
+    """This process's resident bytes of its mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(maxsplit=1)[0]:  # a mapping's header line
+            inside = line.rstrip("\n").endswith(str(path.resolve()))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_release_pages_advises_matching_read_only_mappings(tmp_path):
     data = np.arange(1 << 20, dtype=np.float32)
     (tmp_path / "weights").mkdir()
     path, other = tmp_path / "weights" / "model.bin", tmp_path / "other.bin"
@@ -21,12 +32,15 @@ def test_page_out_advises_matching_read_only_mappings(tmp_path):
     writable = np.memmap(other, dtype=np.float32, mode="c")  # copy-on-write: its written pages are its own
     writable[:] = 1.0
     assert float(mapped.sum()) == float(data.sum()) and float(unrelated.sum()) == float(data.sum())
-    assert page_out(files_or_under([], [tmp_path / "weights"])) >= data.nbytes
-    assert page_out(files_or_under([path], [])) >= data.nbytes
-    assert page_out(files_or_under([tmp_path / "missing.bin"], [tmp_path / "nowhere"])) == 0
+    assert resident_bytes(path) >= data.nbytes
+    assert release_pages(files_or_under([], [tmp_path / "weights"])) >= data.nbytes
+    assert resident_bytes(path) == 0
+    assert release_pages(files_or_under([path], [])) >= data.nbytes
+    assert release_pages(files_or_under([tmp_path / "missing.bin"], [tmp_path / "nowhere"])) == 0
     np.testing.assert_array_equal(mapped, data)  # read back from the file
+    assert resident_bytes(path) >= data.nbytes
     np.testing.assert_array_equal(unrelated, data)
     assert (writable == 1.0).all()
     # a predicate matching every file still skips writable mappings
-    assert page_out(lambda name: name == str(other.resolve())) == unrelated.nbytes
+    assert release_pages(lambda name: name == str(other.resolve())) == unrelated.nbytes
     assert (writable == 1.0).all()
