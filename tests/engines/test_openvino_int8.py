@@ -160,13 +160,6 @@ def test_a_folder_without_the_model_is_an_error(tiny_engine, tmp_path, cache):
         OpenVinoBackend(precision="fp16")
 
 
-def test_refit_and_missing_components_are_refused(tiny_refit_engine, tiny_engine):
-    with pytest.raises(ExportError, match="refit at run time"):
-        compress_folder(tiny_refit_engine, load_manifest(tiny_refit_engine))
-    with pytest.raises(ExportError, match="no 'controlnet' component"):
-        compress_folder(tiny_engine, load_manifest(tiny_engine), ("controlnet",))
-
-
 def test_cli_build_info_and_generate(tiny_engine, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(tiny_engine, folder)

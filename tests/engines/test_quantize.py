@@ -13,6 +13,7 @@ from lcmrt.backends import onnxruntime as ort_backend
 from lcmrt.backends.onnxruntime import cpu_graph_key
 from lcmrt.cli import cli
 from lcmrt.engines.fp16 import psnr
+from lcmrt.engines.openvino_int8 import compress_folder
 from lcmrt.engines.quantize import INT8_SUFFIX, quantize_folder
 from lcmrt.errors import EngineFolderError, ExportError
 from lcmrt.manifest import file_sha256, load_manifest, write_manifest
@@ -162,11 +163,12 @@ def test_png_records_the_precision_that_ran(int8_engine, tmp_path):
         "text_encoder": "fp32", "unet": "int8", "vae_decoder": "fp32"}
 
 
-def test_refit_and_missing_components_are_refused(tiny_refit_engine, tiny_engine):
+@pytest.mark.parametrize("write_int8", [quantize_folder, compress_folder], ids=["onnxruntime", "openvino"])
+def test_refit_and_missing_components_are_refused(write_int8, tiny_refit_engine, tiny_engine):
     with pytest.raises(ExportError, match="refit at run time"):
-        quantize_folder(tiny_refit_engine, load_manifest(tiny_refit_engine))
+        write_int8(tiny_refit_engine, load_manifest(tiny_refit_engine))
     with pytest.raises(ExportError, match="no 'controlnet' component"):
-        quantize_folder(tiny_engine, load_manifest(tiny_engine), ("controlnet",))
+        write_int8(tiny_engine, load_manifest(tiny_engine), ("controlnet",))
 
 
 def test_cli_engines_only_int8(tiny_engine, tmp_path):
