@@ -9,14 +9,21 @@ OS page cache, so the next process that loads the folder reads them from memory,
 (`MADV_PAGEOUT` would evict them from the cache too: measured on the full-size SD1.5 folder, the next
 process's OpenVINO load then took 17-20 s, reading ~1 GB from disk, against 4.0-4.6 s). Measured on the
 full-size SD1.5 UNet: RssFile 3.42 GB -> 0.07 GB after the first run, later runs as fast.
+
+While a compiled model is imported, the blob's pages and the repacked copy would both be resident at the
+end; `releasing` drops the pages already read every 0.1 s meanwhile. Full-size SD1.5, OpenVINO, loaded
+from its model cache: peak RSS of load + a generation 7.26 GB -> 5.04 GB, load time unchanged.
 """
 from __future__ import annotations
 
 import ctypes
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 MADV_DONTNEED = 4  # linux/mman.h
+RELEASE_INTERVAL_S = 0.1
 
 
 def release_pages(match) -> int:
@@ -48,3 +55,22 @@ def files_or_under(files, folders):
     names = {str(Path(file).resolve()) for file in files}
     prefixes = tuple(str(Path(folder).resolve()) + "/" for folder in folders)
     return lambda path: path in names or path.startswith(prefixes)
+
+
+@contextmanager
+def releasing(match, interval: float = RELEASE_INTERVAL_S):
+    """`release_pages(match)` every `interval` seconds in a thread while the block runs (and once after it)."""
+    done = threading.Event()
+
+    def release_until_done():
+        while not done.wait(interval):
+            release_pages(match)
+
+    thread = threading.Thread(target=release_until_done, name="lcmrt-release-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        release_pages(match)

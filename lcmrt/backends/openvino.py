@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapters import map_base
 from ..errors import BackendError
-from ..mapped_files import files_or_under, release_pages
+from ..mapped_files import files_or_under, release_pages, releasing
 from ..manifest import FP32, INT8, OPENVINO, OPENVINO_INT8, REFIT_INPUTS, VERIFIED_CACHE, Manifest, verify_component
 from .base import Backend, Session, TensorSpec, describe
 
@@ -93,16 +93,16 @@ class OpenVinoBackend(Backend):
             refittable = _weights_to_inputs(self.ov, model, set(base))
         else:  # compiled from the file: a cached compiled model is found without reading (and hashing) the weights
             model, refittable = str(path), {}
-        try:
-            compiled = self.core.compile_model(model, "CPU", self.config)
-        except Exception as e:  # OpenVINO raises RuntimeError with its own message
-            raise BackendError(f"OpenVINO could not compile the {component} graph {path.name}: {e}. If the file is "
-                               "damaged, rebuild the folder with `lcmrt build`.") from e
-        # what it read the weights from: the saved model's .bin, or the compiled blob in the model cache (never
+        # what it reads the weights from: the saved model's .bin, or the compiled blob in the model cache (never
         # another backend's files: ONNX Runtime reads its mapped weights at every run)
         mapped = files_or_under([path.with_suffix(".bin")] if path.suffix == ".xml" else [],
                                 [self.config["CACHE_DIR"]] if "CACHE_DIR" in self.config else [])
-        release_pages(mapped)  # so the next component's import does not add its pages to these
+        try:
+            with releasing(mapped):  # the pages it has read while it imports or repacks the weights
+                compiled = self.core.compile_model(model, "CPU", self.config)
+        except Exception as e:  # OpenVINO raises RuntimeError with its own message
+            raise BackendError(f"OpenVINO could not compile the {component} graph {path.name}: {e}. If the file is "
+                               "damaged, rebuild the folder with `lcmrt build`.") from e
         session = OvSession(self.ov, compiled, component, path, entry,
                             {name: map_base(folder, base[name], mode="c") for name in refittable}, mapped)
         session.precision = entry.graph(variant).precision

@@ -1,11 +1,13 @@
-"""release_pages: drops this process's pages of read-only file mappings that match, leaves others alone, and never
-changes what the mapping reads."""
+"""release_pages and releasing: drop this process's pages of read-only file mappings that match, leave others
+alone, and never change what the mapping reads."""
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from lcmrt.mapped_files import files_or_under, release_pages
+from lcmrt.mapped_files import files_or_under, release_pages, releasing
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED is Linux's")
 
@@ -44,3 +46,19 @@ def test_release_pages_advises_matching_read_only_mappings(tmp_path):
     # a predicate matching every file still skips writable mappings
     assert release_pages(lambda name: name == str(other.resolve())) == unrelated.nbytes
     assert (writable == 1.0).all()
+
+
+def test_releasing_drops_pages_while_the_block_runs(tmp_path):
+    data = np.arange(1 << 20, dtype=np.float32)
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r")
+    with releasing(files_or_under([path], []), interval=0.01):
+        assert float(mapped.sum()) == float(data.sum())  # reads every page, as an import does
+        deadline = time.monotonic() + 5
+        while resident_bytes(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_bytes(path) == 0  # released inside the block, by the thread
+        np.testing.assert_array_equal(mapped, data)
+    assert resident_bytes(path) == 0  # and once more after it
+    assert not [t for t in threading.enumerate() if t.name == "lcmrt-release-pages"]
