@@ -40,6 +40,19 @@ def run_on_emulated_avx2(code: str, *args: str) -> str:
     return run.stdout
 
 
+def engine_with_variant(tiny_engine, folder, write):
+    """A copy of `tiny_engine` at `folder` with `write(folder, manifest)` applied to its manifest, which is saved."""
+    import shutil
+
+    from lcmrt.manifest import load_manifest, write_manifest
+
+    shutil.copytree(tiny_engine, folder)
+    manifest = load_manifest(folder)
+    write(folder, manifest)
+    write_manifest(folder, manifest)
+    return folder
+
+
 def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, lcm=True, **overrides):
     """Build an engine folder from the tiny model: LCM-LoRA at 1.0 (unless not `lcm`) plus the style LoRA. The
     CPU backend choice is left out unless `engines` asks for it: on tiny graphs it is a coin toss, and tests

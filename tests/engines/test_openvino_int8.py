@@ -18,7 +18,7 @@ from lcmrt.engines.quantize import quantize_folder
 from lcmrt.errors import BackendError, EngineFolderError, ExportError
 from lcmrt.manifest import OPENVINO_INT8, file_sha256, load_manifest, read_manifest, write_manifest
 
-from tiny_engines import EMULATED_AVX2_CPU, run_on_emulated_avx2
+from tiny_engines import EMULATED_AVX2_CPU, engine_with_variant, run_on_emulated_avx2
 
 # UNet output vs the fp32 OpenVINO model, relative to the output's peak: weights-only int8 has no integer
 # products, so no instruction set saturates; measured 0.32% on the tiny UNet on AVX-512 VNNI, 0.15% on an
@@ -38,12 +38,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ov_int8_engine(tiny_engine, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("openvino-int8") / "engine"
-    shutil.copytree(tiny_engine, folder)
-    manifest = load_manifest(folder)
-    compress_folder(folder, manifest)
-    write_manifest(folder, manifest)
-    return folder
+    return engine_with_variant(tiny_engine, tmp_path_factory.mktemp("openvino-int8") / "engine", compress_folder)
 
 
 def test_variant_is_written_and_recorded(ov_int8_engine, tiny_engine):

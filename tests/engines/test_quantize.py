@@ -16,9 +16,9 @@ from lcmrt.engines.fp16 import psnr
 from lcmrt.engines.openvino_int8 import compress_folder
 from lcmrt.engines.quantize import INT8_SUFFIX, quantize_folder
 from lcmrt.errors import EngineFolderError, ExportError
-from lcmrt.manifest import file_sha256, load_manifest, write_manifest
+from lcmrt.manifest import file_sha256, load_manifest
 
-from tiny_engines import EMULATED_AVX2_CPU, run_on_emulated_avx2
+from tiny_engines import EMULATED_AVX2_CPU, engine_with_variant, run_on_emulated_avx2
 
 # Whole-image bound on the tiny model (4 steps, [0, 1] images): the int8 UNet moves the image by ~2e-3
 # (measured 68.8 dB); 30 dB still catches a broken graph (those land near 10 dB).
@@ -31,12 +31,7 @@ MAX_UNET_RELATIVE_DIFF = 0.02
 
 @pytest.fixture(scope="module")
 def int8_engine(tiny_engine, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("int8") / "engine"
-    shutil.copytree(tiny_engine, folder)
-    manifest = load_manifest(folder)
-    quantize_folder(folder, manifest)
-    write_manifest(folder, manifest)
-    return folder
+    return engine_with_variant(tiny_engine, tmp_path_factory.mktemp("int8") / "engine", quantize_folder)
 
 
 def test_variant_is_written_and_recorded(int8_engine):
@@ -66,13 +61,11 @@ def test_variant_is_written_and_recorded(int8_engine):
 @pytest.fixture(scope="module")
 def full_range_int8_engine(tiny_engine, tmp_path_factory):
     """An int8 variant with full-range weights, as lcmrt quantized before it used 7-bit weights."""
-    folder = tmp_path_factory.mktemp("int8-full-range") / "engine"
-    shutil.copytree(tiny_engine, folder)
-    manifest = load_manifest(folder)
-    quantize_folder(folder, manifest, reduce_range=False)
-    del manifest["components"]["unet"]["variants"]["int8"]["quantization"]["reduce_range"]  # older folders lack it
-    write_manifest(folder, manifest)
-    return folder
+    def full_range(folder, manifest):
+        quantize_folder(folder, manifest, reduce_range=False)
+        del manifest["components"]["unet"]["variants"]["int8"]["quantization"]["reduce_range"]  # older folders lack it
+
+    return engine_with_variant(tiny_engine, tmp_path_factory.mktemp("int8-full-range") / "engine", full_range)
 
 
 # Measures a folder's int8 UNet against its fp32 graph with the same code the build uses.
