@@ -33,6 +33,7 @@ from .guidance import TIMESTEP_COND, guidance_embedding
 from .image_inputs import image_size, load_image, load_mask, mask_to_latent_size, masked_image
 from .images import to_pil
 from .manifest import REBUILD, Manifest, read_manifest
+from .noise import FIRST_STEP_NOISE, MAX_SEED, STREAMS, standard_normal
 from .sampler import LCMSampler, img2img_start
 from .tokenizer import PromptTokenizer
 
@@ -313,10 +314,12 @@ class Pipeline:
           is diffusers' `mask_processor.blur`); default strength 1.0, which starts from pure noise.
         - `tiny_vae=True` encodes and decodes with the folder's tiny VAE (`lcmrt build --tiny-vae`).
 
-        Randomness: `seed` draws, in diffusers' order, `image_noise` (the VAE encoder's `latent_dist.sample`),
+        Randomness: `seed` (an integer in [0, 2^64)) names, through lcmrt's noise generator (`lcmrt.noise`, which
+        the C++ runtime implements bit for bit), `image_noise` (the VAE encoder's `latent_dist.sample`),
         `latents` (the start noise; for an edit, the noise added to the image latents), `masked_image_noise`
-        (an inpainting UNet's masked-image encoding) and `step_noise` (one per step but the last): pass any of
-        them, [num_images, 4, H/8, W/8] float32, to reproduce another implementation's draws exactly."""
+        (an inpainting UNet's masked-image encoding) and `step_noise` (one per step but the last); image k of a
+        seed is the same whatever num_images is. Pass any of them, [num_images, 4, H/8, W/8] float32, to
+        reproduce another implementation's draws (diffusers' torch generator, say) exactly."""
         # every argument is checked before any component runs
         steps, guidance_scale, seed, num_images = check_request(prompt, negative_prompt, num_inference_steps,
                                                                 guidance_scale, seed, num_images, output)
@@ -361,11 +364,9 @@ class Pipeline:
             step_noise = [_checked_array(f"step_noise[{i}]", a, shape) for i, a in enumerate(step_noise)]
         seed = secrets.randbits(32) if seed is None else seed
         self._thread.seed, self._thread.strength = seed, strength
-        rng = np.random.default_rng(seed)
-        noise = {name: given[name] if name in given else rng.standard_normal(shape, dtype=np.float32)
-                 for name in drawn}  # in diffusers' order
+        noise = {name: given[name] if name in given else standard_normal(seed, STREAMS[name], shape) for name in drawn}
         if step_noise is None:
-            step_noise = [rng.standard_normal(shape, dtype=np.float32) for _ in sampler.timesteps[:-1]]
+            step_noise = [standard_normal(seed, FIRST_STEP_NOISE + i, shape) for i in range(len(sampler.timesteps) - 1)]
 
         timings = {"text_encoder": 0.0, "unet_steps": [], "vae_decode": 0.0}
         decoder = "tiny_vae_decoder" if tiny_vae else "vae_decoder"
@@ -672,8 +673,8 @@ def check_request(prompt, negative_prompt=None, num_inference_steps=4, guidance_
     _check_text("prompt", prompt)
     if negative_prompt is not None:
         _check_text("negative_prompt", negative_prompt)
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise InputError(f"seed={seed!r} must be a non-negative integer, or None for a random seed.")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed={seed!r} must be an integer in [0, 2^64), or None for a random seed.")
     if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= MAX_STEPS:
         kind = "" if _is_int(num_inference_steps) else f": it must be an integer, not {type(num_inference_steps).__name__}"
         raise GenerationError(f"num_inference_steps={num_inference_steps!r} is outside 1..{MAX_STEPS}{kind}; "

@@ -22,6 +22,7 @@ from .errors import InputError
 from .guidance import TIMESTEP_COND, guidance_embedding
 from .image_inputs import load_image
 from .images import to_pil
+from .noise import FIRST_STEP_NOISE, STREAMS, standard_normal
 from .sampler import LCMSampler, img2img_start
 
 
@@ -76,10 +77,9 @@ class Stream:
                 f"int(steps * strength) = {pipe.shapes.stream_batch or 1}.")
         # the noise of one img2img call with this seed, reused for every frame
         shape = (1, self.shapes.latent_channels, self.shapes.latent_height, self.shapes.latent_width)
-        rng = np.random.default_rng(seed)
-        self.noise = {name: rng.standard_normal(shape, dtype=np.float32)
+        self.noise = {name: standard_normal(seed, STREAMS[name], shape)
                       for name in pipe._draws("img2img", strength, self.tiny_vae)}
-        self.step_noise = [rng.standard_normal(shape, dtype=np.float32) for _ in self.timesteps[:-1]]
+        self.step_noise = [standard_normal(seed, FIRST_STEP_NOISE + i, shape) for i in range(len(self.timesteps) - 1)]
         self.seed = seed
         self._time_ids = pipe._time_ids(None, (0, 0), None, (self.shapes.height, self.shapes.width))
         self._x = np.zeros((m, *shape[1:]), dtype=np.float32)  # row j: the latents at T[j]

@@ -97,7 +97,7 @@ def test_generate_errors_are_one_line(tiny_engine, tmp_path):
     _assert_clean_error(_invoke("generate", tiny_engine, "a fox", "--steps", 0, "-o", tmp_path / "x.png"),
                         "num_inference_steps=0 is outside 1..50")
     _assert_clean_error(_invoke("generate", tiny_engine, "a fox", "--seed", -3, "-o", tmp_path / "x.png"),
-                        "seed=-3 must be a non-negative integer")
+                        "seed=-3 must be an integer in [0, 2^64)")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -349,9 +349,9 @@ def test_bad_num_images(pipe, num_images):
         pipe(PROMPT, num_images=num_images)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, "7", True])
+@pytest.mark.parametrize("seed", [-1, 1.5, "7", True, 1 << 64])
 def test_bad_seed(pipe, seed):
-    with pytest.raises(InputError, match=rf"seed={seed!r} must be a non-negative integer, or None"):
+    with pytest.raises(InputError, match=rf"seed={seed!r} must be an integer in \[0, 2\^64\), or None"):
         pipe(PROMPT, seed=seed)
 
 
