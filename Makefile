@@ -8,7 +8,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
 DEMO := demo
 
-.PHONY: install demo test lock clean
+NATIVE := build/native
+NATIVE_SANITIZED := build/native-sanitized
+JOBS := $(shell nproc)
+CMAKE_OPTIONS := -DLCMRT_PYTHON=$(abspath $(BIN)/python) -DLCMRT_WERROR=ON
+
+.PHONY: install demo test native native-test lock clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +33,24 @@ demo: install
 		--guidance-mode cfg --out $(DEMO)/engine --overwrite
 	$(BIN)/lcmrt generate $(DEMO)/engine "a watercolor fox in the snow" --steps 4 --seed 0 -o $(DEMO)/fox.png
 
-test: install
+# pytest (the Python runtime, and the native one against it), then ctest on the native runtime, then ctest again
+# on a build with AddressSanitizer and UndefinedBehaviorSanitizer
+test: install native
 	$(BIN)/python -m pytest
+	$(MAKE) native-test
+
+# The native runtime (lcmrt/csrc, see README "C++"): needs cmake, g++ and Debian's nlohmann-json3-dev, libicu-dev,
+# libssl-dev and zlib1g-dev; ONNX Runtime's headers come from Debian 13's package, its library from the venv's wheel.
+native: install
+	lcmrt/csrc/fetch-onnxruntime.sh build/onnxruntime $(BIN)/python
+	cmake -S . -B $(NATIVE) $(CMAKE_OPTIONS)
+	cmake --build $(NATIVE) -j $(JOBS)
+
+native-test: native
+	ctest --test-dir $(NATIVE) --output-on-failure
+	cmake -S . -B $(NATIVE_SANITIZED) $(CMAKE_OPTIONS) -DLCMRT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(NATIVE_SANITIZED) -j $(JOBS)
+	ctest --test-dir $(NATIVE_SANITIZED) --output-on-failure
 
 # The newest versions pyproject.toml allows, resolved in a throwaway venv and written to constraints.txt.
 # Then run `make test`: the suite decides whether the new set lands.
@@ -44,4 +65,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) build

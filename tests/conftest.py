@@ -9,7 +9,7 @@ import pytest
 # the runtime's cache of verified files goes to a throwaway folder, not the user's ~/.cache
 os.environ.setdefault("LCMRT_CACHE_DIR", tempfile.mkdtemp(prefix="lcmrt-test-cache-"))
 
-from tiny_engines import build_tiny_engine  # noqa: E402
+from tiny_engines import build_tiny_engine, peft_copy  # noqa: E402
 
 _GPU = None
 
@@ -63,3 +63,19 @@ def tiny_refit_engine(tiny_model, tmp_path_factory):
 # ort_cuda_standin, trt_engine_folder, trt_refit_folder
 from gpu_standin.fixtures import (gpu_standin_modules, ort_cuda_standin, trt_engine_folder,  # noqa: E402,F401
                                   trt_refit_folder)
+
+
+@pytest.fixture(scope="session")
+def two_adapter_folder(tiny_refit_engine, tiny_model, tmp_path_factory):
+    """The refit folder plus `lcm2` (the kohya LCM-LoRA file, UNet only) and `style2` (a peft file on the UNet
+    and the text encoder), added with add_adapter. Treat it as read-only."""
+    import shutil
+
+    from lcmrt.export.adapters import add_adapter
+    from lcmrt.export.lora import LoraSpec
+
+    folder = tmp_path_factory.mktemp("adapter-folders") / "two"
+    shutil.copytree(tiny_refit_engine, folder)
+    add_adapter(folder, LoraSpec(tiny_model["lcm_lora"], weight=0.0, name="lcm2"))
+    add_adapter(folder, LoraSpec(peft_copy(tiny_model, tmp_path_factory, "style2"), weight=0.0))
+    return folder

@@ -53,6 +53,15 @@ def engine_with_variant(tiny_engine, folder, write):
     return folder
 
 
+def peft_copy(tiny_model, tmp_path_factory, name):
+    """The style LoRA (diffusers/peft keys, UNet and text encoder) under another file name."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("loras") / f"{name}.safetensors"
+    shutil.copyfile(tiny_model["style_lora"], path)
+    return path
+
+
 def build_tiny_engine(tiny_model, out, guidance_mode="cfg", style_weight=STYLE_WEIGHT, lcm=True, **overrides):
     """Build an engine folder from the tiny model: LCM-LoRA at 1.0 (unless not `lcm`) plus the style LoRA. The
     CPU backend choice is left out unless `engines` asks for it: on tiny graphs it is a coin toss, and tests

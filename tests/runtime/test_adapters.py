@@ -13,7 +13,7 @@ from lcmrt.manifest import MANIFEST_NAME, load_manifest
 from lcmrt.pipeline import Pipeline
 
 
-from tiny_engines import CROSS_GRAPH_ATOL, STYLE_WEIGHT, build_tiny_engine  # noqa: E402
+from tiny_engines import CROSS_GRAPH_ATOL, STYLE_WEIGHT, build_tiny_engine, peft_copy  # noqa: E402
 
 PROMPT = "a paper cut fox in the snow"
 GUIDANCE = 1.5  # cfg: both the conditional and the unconditional text embeddings go through the refit weights
@@ -35,13 +35,6 @@ def _copy(folder, tmp_path_factory, name):
     return out
 
 
-def _peft_copy(tiny_model, tmp_path_factory, name):
-    """The style LoRA (diffusers/peft keys, UNet and text encoder) under another file name."""
-    path = tmp_path_factory.mktemp("loras") / f"{name}.safetensors"
-    shutil.copyfile(tiny_model["style_lora"], path)
-    return path
-
-
 def _snapshot(folder):
     """Bytes of the manifest and of every file under adapters/."""
     files = {MANIFEST_NAME: (folder / MANIFEST_NAME).read_bytes()}
@@ -55,19 +48,6 @@ def _snapshot(folder):
 def fused_pipe(tiny_engine):
     """LCM 1.0 + style 0.8, both fused."""
     return Pipeline.load(tiny_engine)
-
-
-@pytest.fixture(scope="module")
-def two_adapter_folder(tiny_refit_engine, tiny_model, tmp_path_factory):
-    """The refit folder plus `lcm2` (the kohya LCM-LoRA file, UNet only) and `style2` (a peft file on the UNet
-    and the text encoder), added with add_adapter."""
-    from lcmrt.export.adapters import add_adapter
-    from lcmrt.export.lora import LoraSpec
-
-    folder = _copy(tiny_refit_engine, tmp_path_factory, "two")
-    add_adapter(folder, LoraSpec(tiny_model["lcm_lora"], weight=0.0, name="lcm2"))
-    add_adapter(folder, LoraSpec(_peft_copy(tiny_model, tmp_path_factory, "style2"), weight=0.0))
-    return folder
 
 
 @pytest.fixture
@@ -251,7 +231,7 @@ def test_add_to_a_folder_without_refit_map_is_refused(tiny_engine, tiny_model, t
 
     before = _snapshot(tiny_engine)
     with pytest.raises(AdapterError, match="--refittable"):
-        add_adapter(tiny_engine, LoraSpec(_peft_copy(tiny_model, tmp_path_factory, "x"), weight=0.0))
+        add_adapter(tiny_engine, LoraSpec(peft_copy(tiny_model, tmp_path_factory, "x"), weight=0.0))
     assert _snapshot(tiny_engine) == before
 
 
@@ -307,7 +287,7 @@ def test_add_of_modules_outside_the_refit_map_is_refused_naming_them(tiny_refit_
     write_manifest(folder, manifest)
     before = _snapshot(folder)
     with pytest.raises(AdapterError, match="no refittable weight") as info:
-        add_adapter(folder, LoraSpec(_peft_copy(tiny_model, tmp_path_factory, "style3"), weight=0.0))
+        add_adapter(folder, LoraSpec(peft_copy(tiny_model, tmp_path_factory, "style3"), weight=0.0))
     assert str(len(dropped)) in str(info.value) and dropped[0] in str(info.value)
     assert _snapshot(folder) == before
     assert not any(p.name.startswith(".adapter-") for p in folder.iterdir())
@@ -343,7 +323,7 @@ def test_cli_adapter_add_list_and_generate(tiny_refit_engine, tiny_model, tmp_pa
     kohya = runner.invoke(cli, ["adapter", "add", str(folder), str(tiny_model["lcm_lora"]), "--name", "lcm2"])
     assert kohya.exit_code == 0, kohya.output
     assert "'lcm2' (kohya" in kohya.output and "117 modules" in kohya.output
-    peft_file = _peft_copy(tiny_model, tmp_path_factory, "papercut")
+    peft_file = peft_copy(tiny_model, tmp_path_factory, "papercut")
     peft = runner.invoke(cli, ["adapter", "add", str(folder), str(peft_file)])
     assert peft.exit_code == 0, peft.output
     assert "'papercut'" in peft.output and "56 modules" in peft.output

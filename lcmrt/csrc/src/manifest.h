@@ -1,0 +1,78 @@
+// The engine folder's manifest.json (lcmrt/manifest.py and DESIGN.md "The engine folder"): the parts the native
+// runtime reads, each checked where it is read, with the Python runtime's messages and fixes.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace lcmrt {
+
+constexpr int kFormatVersion = 2;  // lcmrt/manifest.py FORMAT_VERSION: the newest format this runtime reads
+constexpr const char* kPreOptimized = "ort-cpu";      // ONNX Runtime's CPU optimizations applied at build time
+constexpr const char* kRefitInputs = "refit-inputs";  // refittable weights declared as graph inputs
+
+struct GraphFile {  // a component's fp32 graph or one of its variants
+  std::string file;
+  std::map<std::string, std::string> sha256;  // the graph and the files it reads
+  std::vector<std::string> weight_inputs;      // refit-inputs: the graph weights declared as inputs
+  nlohmann::json key;                          // ort-cpu: the ONNX Runtime version and CPU it was optimized for
+};
+
+struct Component {
+  GraphFile graph;                           // fp32
+  std::map<std::string, GraphFile> variants;  // by variant name
+  std::map<std::string, std::vector<nlohmann::json>> input_shapes;  // input -> shape (sizes or dimension names)
+};
+
+struct Shapes {
+  int batch, height, width, latent_channels, latent_height, latent_width, text_length;
+  std::vector<int> unet_batch_sizes;
+  std::vector<std::pair<int, int>> sizes;  // (height, width), the first the default
+};
+
+struct TokenizerInfo {
+  std::string file;  // tokenizer/tokenizer.json
+  std::string sha256;
+  int max_length;
+  int64_t pad_token_id;
+};
+
+struct AdapterInfo {
+  std::string name;
+  double weight;
+  bool fused;
+  std::string pack, pack_sha256;  // refittable adapters: adapters/NAME.safetensors
+};
+
+struct RefitEntry {  // where a LoRA module's weight lives in a graph (lcmrt/manifest.py RefitEntry)
+  std::string module, component, weight;
+  bool transpose;
+  std::vector<int64_t> shape;  // the module's weight shape, before any transpose
+  std::string file, dtype, file_sha256;
+  int64_t offset, length;
+};
+
+struct Manifest {
+  std::string folder;
+  int format_version;
+  std::string family;
+  std::string guidance_mode;
+  Shapes shapes;
+  nlohmann::json scheduler_config;
+  TokenizerInfo tokenizer;
+  std::map<std::string, Component> components;
+  std::vector<AdapterInfo> adapters;
+  std::map<std::string, RefitEntry> refit_map;  // by module
+
+  const Component& component(const std::string& name) const;
+};
+
+// Read and check FOLDER/manifest.json: a missing folder or manifest, bad JSON, a newer format version or a part of
+// the wrong shape is an engine-folder error that says what is wrong and what to do.
+Manifest read_manifest(const std::string& folder);
+
+}  // namespace lcmrt
