@@ -225,8 +225,12 @@ def test_cli_writes_the_png_python_writes(native_build, tiny_engine, tmp_path):
     with Image.open(native_png) as a, Image.open(python_png) as b:
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
     assert read_png_metadata(native_png) == read_png_metadata(python_png)
+    run = subprocess.run([cli, str(tiny_engine), PROMPT, "-o", str(native_png), "--steps", "2", "--repeat", "3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr.count("UNet") == 3, run.stderr  # one timing line per generation
     for args, fragment in [([], "give the engine folder and the prompt"), (["x", "y", "--steps", "four"], "integer"),
-                           (["x", "y", "--bogus", "1"], "unknown option")]:
+                           (["x", "y", "--bogus", "1"], "unknown option"), (["x", "y", "-o", "a.jpg"], "*.png"),
+                           (["x", "y", "--repeat", "0"], "positive")]:
         run = subprocess.run([cli, *args], capture_output=True, text=True)
         assert run.returncode == 2 and fragment in run.stderr
     run = subprocess.run([cli, str(tmp_path / "nowhere"), PROMPT], capture_output=True, text=True)

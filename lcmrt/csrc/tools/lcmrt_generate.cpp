@@ -1,9 +1,11 @@
 // lcmrt-generate: the native runtime's command line, like `lcmrt generate` (same folder, same seed, same image).
 //   lcmrt-generate FOLDER "prompt" -o out.png [--steps 4] [--seed N] [--guidance G] [--negative-prompt TEXT]
-//                  [--num-images N] [--size WIDTHxHEIGHT] [--adapter NAME:WEIGHT ...] [--threads N]
+//                  [--num-images N] [--size WIDTHxHEIGHT] [--adapter NAME:WEIGHT ...] [--threads N] [--repeat N]
+// --repeat N generates N times in one process (a timing line each; the last images are written): warm timings.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -16,7 +18,7 @@ namespace {
 const char* kUsage =
     "usage: lcmrt-generate FOLDER PROMPT [-o OUT.png] [--steps N] [--seed N] [--guidance G]\n"
     "                      [--negative-prompt TEXT] [--num-images N] [--size WIDTHxHEIGHT]\n"
-    "                      [--adapter NAME:WEIGHT ...] [--threads N]\n";
+    "                      [--adapter NAME:WEIGHT ...] [--threads N] [--repeat N]\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -57,7 +59,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::vector<std::string> positional;
   std::string out = "out.png";
-  int steps = 4, num_images = 1, threads = 0, height = 0, width = 0;
+  int steps = 4, num_images = 1, threads = 0, height = 0, width = 0, repeat = 1;
   double guidance = 1.0;
   bool has_seed = false, has_negative = false;
   unsigned long long seed = 0;
@@ -78,6 +80,7 @@ int main(int argc, char** argv) {
         else if (a == "--steps") steps = static_cast<int>(integer(a, value));
         else if (a == "--num-images") num_images = static_cast<int>(integer(a, value));
         else if (a == "--threads") threads = static_cast<int>(integer(a, value));
+        else if (a == "--repeat") repeat = static_cast<int>(integer(a, value));
         else if (a == "--guidance") guidance = number(a, value);
         else if (a == "--negative-prompt") negative = value, has_negative = true;
         else if (a == "--seed") {
@@ -109,6 +112,10 @@ int main(int argc, char** argv) {
       }
     }
     if (positional.size() != 2) throw UsageError("give the engine folder and the prompt");
+    if (repeat < 1) throw UsageError("--repeat takes a positive integer");
+    const std::string suffix = out.size() >= 4 ? out.substr(out.size() - 4) : "";
+    if (suffix != ".png" && suffix != ".PNG")  // checked before the load, not after a generation
+      throw UsageError(out + ": lcmrt writes PNG files (the settings go in PNG text chunks), so name it *.png");
   } catch (const UsageError& e) {
     std::cerr << kUsage << "error: " << e.what() << "\n";
     return 2;
@@ -122,17 +129,19 @@ int main(int argc, char** argv) {
     lcmrt::Request request(positional[1]);
     request.steps(steps).guidance_scale(guidance).seed(seed).num_images(num_images).size(height, width);
     if (has_negative) request.negative_prompt(negative);
-    const lcmrt::Images images = pipe.generate(request);
-    std::cerr << images.warnings();
-    std::vector<std::string> paths;
-    for (int i = 0; i < images.count(); ++i) {
-      paths.push_back(images.count() == 1 ? out : numbered(out, i));
-      images.save_png(i, paths.back());
+    std::unique_ptr<lcmrt::Images> images;
+    for (int round = 0; round < repeat; ++round) {
+      images = std::make_unique<lcmrt::Images>(pipe.generate(request));
+      const auto t = images->timings();
+      std::fprintf(stderr, "load %.2f s | text encoder %.3f s | UNet %.3f s/step x %d | VAE decode %.3f s | total %.2f s "
+                   "(seed %llu)\n", load, t.text_encoder, t.unet / steps, steps, t.vae_decode, t.total, seed);
     }
-    const auto t = images.timings();
-    std::fprintf(stderr, "load %.2f s | text encoder %.3f s | UNet %.3f s/step x %d | VAE decode %.3f s | total %.2f s "
-                 "(seed %llu)\n", load, t.text_encoder, t.unet / steps, steps,
-                 t.vae_decode, t.total, seed);
+    std::cerr << images->warnings();
+    std::vector<std::string> paths;
+    for (int i = 0; i < images->count(); ++i) {
+      paths.push_back(images->count() == 1 ? out : numbered(out, i));
+      images->save_png(i, paths.back());
+    }
     for (const std::string& path : paths) std::cout << path << "\n";
   } catch (const lcmrt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";
