@@ -1,22 +1,12 @@
-// The native runtime's errors: one exception type inside the library, turned into a status code and message at
-// the C API (c_api.cpp); messages follow the Python runtime's (they name the problem and the fix).
+// The native runtime's errors by kind (lcmrt::Error of lcmrt/error.hpp, turned into a status code and message at the
+// C API in c_api.cpp); messages follow the Python runtime's (they name the problem and the fix).
 #pragma once
 
-#include <stdexcept>
 #include <string>
 
-#include "lcmrt/lcmrt.h"
+#include "lcmrt/error.hpp"
 
 namespace lcmrt {
-
-class Error : public std::runtime_error {
- public:
-  Error(lcmrt_status status, const std::string& message) : std::runtime_error(message), status_(status) {}
-  lcmrt_status status() const { return status_; }
-
- private:
-  lcmrt_status status_;
-};
 
 // Python's EngineFolderError, InputError, AdapterError, GenerationError, BackendError.
 inline Error folder_error(const std::string& message) { return Error(LCMRT_ERROR_ENGINE_FOLDER, message); }

@@ -24,28 +24,26 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-long long integer(const std::string& option, const std::string& text) {
+// `text` read whole by `convert` (std::stoll, std::stoull, std::stod), or a usage error naming the option
+template <typename Convert>
+auto parsed(const std::string& option, const std::string& text, Convert convert, const char* kind) {
   size_t used = 0;
-  long long value = 0;
+  decltype(convert(text, &used)) value{};
   try {
-    value = std::stoll(text, &used);
+    value = convert(text, &used);
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != text.size() || text.empty()) throw UsageError(option + " takes an integer, got '" + text + "'");
+  if (used != text.size() || text.empty()) throw UsageError(option + " takes " + kind + ", got '" + text + "'");
   return value;
 }
 
+long long integer(const std::string& option, const std::string& text) {
+  return parsed(option, text, [](const std::string& t, size_t* used) { return std::stoll(t, used); }, "an integer");
+}
+
 double number(const std::string& option, const std::string& text) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || text.empty()) throw UsageError(option + " takes a number, got '" + text + "'");
-  return value;
+  return parsed(option, text, [](const std::string& t, size_t* used) { return std::stod(t, used); }, "a number");
 }
 
 std::string numbered(const std::string& path, int index) {  // out.png -> out-0.png, as `lcmrt generate`
@@ -84,14 +82,9 @@ int main(int argc, char** argv) {
         else if (a == "--guidance") guidance = number(a, value);
         else if (a == "--negative-prompt") negative = value, has_negative = true;
         else if (a == "--seed") {
-          if (value.empty() || value[0] == '-') throw UsageError("--seed takes an integer in [0, 2^64), got '" + value + "'");
-          size_t used = 0;
-          try {
-            seed = std::stoull(value, &used);
-          } catch (const std::exception&) {
-            used = 0;
-          }
-          if (used != value.size()) throw UsageError("--seed takes an integer in [0, 2^64), got '" + value + "'");
+          const char* kind = "an integer in [0, 2^64)";
+          if (!value.empty() && value[0] == '-') throw UsageError("--seed takes " + std::string(kind) + ", got '" + value + "'");
+          seed = parsed(a, value, [](const std::string& t, size_t* used) { return std::stoull(t, used); }, kind);
           has_seed = true;
         } else if (a == "--size") {
           const size_t x = value.find('x');

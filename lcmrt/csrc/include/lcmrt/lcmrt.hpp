@@ -7,23 +7,14 @@
 #pragma once
 
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "lcmrt/error.hpp"
 #include "lcmrt/lcmrt.h"
 
 namespace lcmrt {
-
-class Error : public std::runtime_error {
- public:
-  Error(lcmrt_status status, const std::string& message) : std::runtime_error(message), status_(status) {}
-  lcmrt_status status() const { return status_; }
-
- private:
-  lcmrt_status status_;
-};
 
 inline void check(lcmrt_status status) {
   if (status != LCMRT_OK) throw Error(status, lcmrt_last_error());
