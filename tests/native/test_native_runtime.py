@@ -241,3 +241,26 @@ def test_noise_is_lcmrt_noise(probe):
     for seed, stream, images, per_image in [(0, 0, 2, 1024), (2 ** 64 - 1, 17, 3, 4097), (123456789012, 1, 1, 7)]:
         native_values = np.frombuffer(probe("noise", seed, stream, images, per_image), np.float32)
         np.testing.assert_array_equal(native_values, standard_normal(seed, stream, (images, per_image)).ravel())
+
+
+@pytest.fixture(scope="module", params=["sdxl", "ssd1b"])
+def tiny_xl_refit_engine(request, tmp_path_factory):
+    """A tiny SDXL-family folder: two text encoders, pooled text embeds, time ids; the style LoRA (UNet and both
+    text encoders) refittable, guidance mode cfg."""
+    from lcmrt.export.random_model import write_random_model
+    from tiny_engines import build_tiny_engine
+
+    model = write_random_model(tmp_path_factory.mktemp(request.param) / "tiny", arch=request.param, size="tiny", seed=0)
+    return build_tiny_engine(model, tmp_path_factory.mktemp("engines") / f"{request.param}-refit", refittable=True)
+
+
+def test_sdxl_families_match_python(native, tiny_xl_refit_engine):
+    py, nat = _python(tiny_xl_refit_engine), native.load(tiny_xl_refit_engine)
+    calls = [{"guidance_scale": 1.0}, {"guidance_scale": 1.5},  # no negative prompt: SDXL's zeros
+             {"guidance_scale": 1.5, "negative_prompt": "blurry"}]
+    for adapters in ({"style": 0.8}, {}, {"style": 0.4}):
+        py.set_adapters(adapters)
+        nat.set_adapters(adapters)
+        for call in calls:
+            expected = py(PROMPT, seed=6, num_inference_steps=3, output="np", **call)
+            _assert_close(nat.generate(PROMPT, call.get("negative_prompt"), 3, call["guidance_scale"], 6), expected)

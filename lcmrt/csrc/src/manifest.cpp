@@ -94,7 +94,27 @@ Shapes shapes_of(const json& d) {
   return s;
 }
 
+TokenizerInfo tokenizer_of(const json& d, const std::string& key) {
+  const json& tok = field(d, key, json::value_t::object, "the document");
+  const std::string file = string_field(tok, "path", key) + "/tokenizer.json";
+  const auto tok_hashes = hashes(tok, key);
+  if (!tok_hashes.count(file)) bad(key + ".sha256", "has no hash of '" + file + "'");
+  TokenizerInfo info{file, tok_hashes.at(file), static_cast<int>(int_field(tok, "max_length", key)),
+                     int_field(tok, "pad_token_id", key)};
+  if (info.max_length < 2 || info.max_length > 1024 || info.pad_token_id < 0)
+    bad(key, "has a max_length outside 2..1024 or a negative pad_token_id");
+  return info;
+}
+
 }  // namespace
+
+Family family_of(const std::string& name) {
+  if (name == "sd15") return {name, {"text_encoder"}, "last_hidden_state", "", false};
+  if (name == "sdxl" || name == "ssd1b")
+    return {name, {"text_encoder", "text_encoder_2"}, "penultimate_hidden_state", "text_encoder_2", true};
+  bad("family", "is " + json(name).dump().substr(0, 60) + ", a model family this lcmrt does not know (sd15, sdxl, ssd1b)",
+      "Upgrade lcmrt, or rebuild the folder with this version.");
+}
 
 const Component& Manifest::component(const std::string& name) const {
   const auto it = components.find(name);
@@ -132,19 +152,20 @@ Manifest read_manifest(const std::string& folder) {
                        ", but this lcmrt reads format " + std::to_string(kFormatVersion) +
                        " at most. Upgrade lcmrt (`pip install -U lcmrt`) or rebuild the folder with this version.");
   try {
-    m.family = string_field(d, "family", "the document");
+    m.family = family_of(string_field(d, "family", "the document"));
     m.guidance_mode = string_field(d, "guidance_mode", "the document");
     m.shapes = shapes_of(field(d, "shapes", json::value_t::object, "the document"));
     m.scheduler_config =
         field(field(d, "scheduler", json::value_t::object, "the document"), "config", json::value_t::object, "scheduler");
-    const json& tok = field(d, "tokenizer", json::value_t::object, "the document");
-    const std::string file = string_field(tok, "path", "tokenizer") + "/tokenizer.json";
-    const auto tok_hashes = hashes(tok, "tokenizer");
-    if (!tok_hashes.count(file)) bad("tokenizer.sha256", "has no hash of '" + file + "'");
-    m.tokenizer = {file, tok_hashes.at(file), static_cast<int>(int_field(tok, "max_length", "tokenizer")),
-                   int_field(tok, "pad_token_id", "tokenizer")};
-    if (m.tokenizer.max_length < 2 || m.tokenizer.max_length > 1024 || m.tokenizer.pad_token_id < 0)
-      bad("tokenizer", "has a max_length outside 2..1024 or a negative pad_token_id");
+    for (const std::string& encoder : m.family.text_encoders)  // text_encoder_2 -> tokenizer_2
+      m.tokenizers[encoder] = tokenizer_of(d, "tokenizer" + encoder.substr(std::string("text_encoder").size()));
+    m.force_zeros_for_empty_prompt = false;
+    if (d.contains("conditioning")) {
+      const json& conditioning = field(d, "conditioning", json::value_t::object, "the document");
+      if (conditioning.contains("force_zeros_for_empty_prompt"))
+        m.force_zeros_for_empty_prompt =
+            field(conditioning, "force_zeros_for_empty_prompt", json::value_t::boolean, "conditioning").get<bool>();
+    }
     for (const auto& [name, entry] : field(d, "components", json::value_t::object, "the document").items()) {
       const std::string where = "components." + name;
       Component c;

@@ -56,14 +56,29 @@ struct RefitEntry {  // where a LoRA module's weight lives in a graph (lcmrt/man
   int64_t offset, length;
 };
 
+// How a model family conditions its UNet (lcmrt/families.py): SD1.5 has one text encoder whose last hidden state is
+// the UNet's encoder_hidden_states; SDXL and SSD-1B have two (their penultimate hidden states side by side), the
+// second's pooled projection as text_embeds, and time_ids (original size, crop top-left, target size).
+struct Family {
+  std::string name;
+  std::vector<std::string> text_encoders;  // each reads the tokenizer diffusers names after it (text_encoder_2 -> tokenizer_2)
+  std::string hidden_state;                // the text encoders' output that conditions the UNet
+  std::string pooled_text_encoder;         // its text_embeds output is the UNet's text_embeds input ("" if none)
+  bool time_ids;
+};
+
+// The family called `name`, or an engine-folder error naming the families this runtime knows.
+Family family_of(const std::string& name);
+
 struct Manifest {
   std::string folder;
   int format_version;
-  std::string family;
+  Family family;
   std::string guidance_mode;
   Shapes shapes;
   nlohmann::json scheduler_config;
-  TokenizerInfo tokenizer;
+  std::map<std::string, TokenizerInfo> tokenizers;  // by text encoder component
+  bool force_zeros_for_empty_prompt;  // SDXL: with guidance and no negative prompt, the negative conditioning is 0
   std::map<std::string, Component> components;
   std::vector<AdapterInfo> adapters;
   std::map<std::string, RefitEntry> refit_map;  // by module

@@ -14,8 +14,6 @@
 namespace lcmrt {
 namespace {
 
-constexpr const char* kComponents[] = {"text_encoder", "unet", "vae_decoder"};
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -46,10 +44,6 @@ std::vector<float> padded_rows(const float* values, int64_t first, int64_t take,
 }  // namespace
 
 Pipeline::Pipeline(const std::string& folder, int threads) : manifest_(read_manifest(folder)), bank_(manifest_) {
-  if (manifest_.family != "sd15")
-    throw folder_error(folder + " is a " + manifest_.family +
-                       " folder; the native runtime runs SD1.5-family folders (one text encoder). Run it with the "
-                       "Python runtime (`lcmrt generate`).");
   const auto& unet_inputs = manifest_.component("unet").input_shapes;
   if (unet_inputs.count("timestep_cond"))
     throw folder_error(folder + " holds a distilled LCM UNet (guidance embedding input); the native runtime runs "
@@ -57,34 +51,69 @@ Pipeline::Pipeline(const std::string& folder, int threads) : manifest_(read_mani
   const auto sample = unet_inputs.find("sample");
   if (sample == unet_inputs.end() || sample->second.size() != 4 || sample->second[1] != manifest_.shapes.latent_channels)
     throw folder_error(folder + "'s UNet does not take [batch, " + std::to_string(manifest_.shapes.latent_channels) +
-                       ", H/8, W/8] latents (an inpainting UNet?); the native runtime runs text to image. " + kRebuild);
+                       ", H/8, W/8] latents (an inpainting UNet?); the native runtime runs text to image. Run it with "
+                       "the Python runtime (`lcmrt generate`).");
   const auto timestep = unet_inputs.find("timestep");
   per_sample_timesteps_ = timestep == unet_inputs.end() || timestep->second != std::vector<nlohmann::json>{1};
-  for (const char* name : kComponents) sessions_[name] = std::make_unique<Session>(manifest_, name, threads);
-  verify_files(folder, {{manifest_.tokenizer.file, manifest_.tokenizer.sha256}}, kRebuild);
-  tokenizer_ = std::make_unique<ClipTokenizer>(folder_file(folder, manifest_.tokenizer.file),
-                                               manifest_.tokenizer.max_length, manifest_.tokenizer.pad_token_id);
+  components_ = manifest_.family.text_encoders;
+  components_.insert(components_.end(), {"unet", "vae_decoder"});
+  for (const std::string& name : components_) sessions_[name] = std::make_unique<Session>(manifest_, name, threads);
+  for (const auto& [encoder, info] : manifest_.tokenizers) {
+    verify_files(folder, {{info.file, info.sha256}}, kRebuild);
+    tokenizers_[encoder] = std::make_unique<ClipTokenizer>(folder_file(folder, info.file), info.max_length,
+                                                           info.pad_token_id);
+  }
   active_ = bank_.check(bank_.defaults());
   feeds_ = bank_.weights_for(active_);
   for (const auto& entry : bank_.fused()) adapter_names_.push_back(entry.first);
   for (const auto& entry : active_) adapter_names_.push_back(entry.first);
 }
 
-std::vector<float> Pipeline::encode(const std::string& prompt, std::vector<std::string>& warnings) const {
-  size_t dropped = 0;
-  const std::vector<int64_t> ids = tokenizer_->encode(prompt, &dropped);
-  if (dropped)
-    warnings.push_back("The prompt is longer than the text encoder takes (" + std::to_string(tokenizer_->max_length()) +
-                       " tokens): " + std::to_string(dropped) + " tokens were dropped from its end.");
-  const auto feeds_it = feeds_.find("text_encoder");
-  const auto out = sessions_.at("text_encoder")
-                       ->run({{"input_ids", {1, static_cast<int64_t>(ids.size())}, nullptr, ids.data()}},
-                             feeds_it == feeds_.end() ? WeightFeeds{} : feeds_it->second);
-  const auto hidden = out.find("last_hidden_state");
-  if (hidden == out.end())
-    throw folder_error(manifest_.folder + "'s text encoder has no last_hidden_state output. " + kRebuild);
-  if (!all_finite(hidden->second.values)) throw non_finite("text encoder", "for the prompt");
-  return hidden->second.values;
+const WeightFeeds& Pipeline::feeds_of(const std::string& component) const {
+  static const WeightFeeds none;
+  const auto it = feeds_.find(component);
+  return it == feeds_.end() ? none : it->second;
+}
+
+Pipeline::Conditioning Pipeline::encode(const std::string& prompt, std::vector<std::string>& warnings) const {
+  const Family& family = manifest_.family;
+  std::vector<std::vector<float>> hidden;  // per text encoder: [1, text length, width]
+  Conditioning out;
+  for (const std::string& encoder : family.text_encoders) {
+    const ClipTokenizer& tokenizer = *tokenizers_.at(encoder);
+    size_t dropped = 0;
+    const std::vector<int64_t> ids = tokenizer.encode(prompt, &dropped);
+    if (dropped && encoder == family.text_encoders.front())
+      warnings.push_back("The prompt is longer than the text encoder takes (" + std::to_string(tokenizer.max_length()) +
+                         " tokens): " + std::to_string(dropped) + " tokens were dropped from its end.");
+    auto outputs = sessions_.at(encoder)->run(
+        {{"input_ids", {1, static_cast<int64_t>(ids.size())}, nullptr, ids.data()}}, feeds_of(encoder));
+    for (const auto& [name, array] : outputs)
+      if (!all_finite(array.values)) throw non_finite(encoder == "text_encoder" ? "text encoder" : "text encoder 2",
+                                                      "for the prompt");
+    const auto state = outputs.find(family.hidden_state);
+    if (state == outputs.end())
+      throw folder_error(manifest_.folder + "'s " + encoder + " has no " + family.hidden_state + " output. " + kRebuild);
+    hidden.push_back(std::move(state->second.values));
+    if (encoder == family.pooled_text_encoder) {
+      const auto pooled = outputs.find("text_embeds");
+      if (pooled == outputs.end())
+        throw folder_error(manifest_.folder + "'s " + encoder + " has no text_embeds output. " + kRebuild);
+      out.pooled = std::move(pooled->second.values);
+    }
+  }
+  if (hidden.size() == 1) {
+    out.hidden = std::move(hidden.front());
+    return out;
+  }
+  // SDXL: both encoders' hidden states side by side on the feature axis, token by token
+  const size_t tokens = static_cast<size_t>(tokenizers_.at(family.text_encoders.front())->max_length());
+  for (size_t t = 0; t < tokens; ++t)
+    for (const auto& h : hidden) {
+      const size_t width = h.size() / tokens;
+      out.hidden.insert(out.hidden.end(), h.begin() + t * width, h.begin() + (t + 1) * width);
+    }
+  return out;
 }
 
 Images Pipeline::generate(const Request& r) const {
@@ -128,22 +157,33 @@ Images Pipeline::generate(const Request& r) const {
   Images result;
   const auto start = std::chrono::steady_clock::now();
   std::shared_lock<std::shared_mutex> lock(lock_);  // one adapter set for the whole generation
-  const std::vector<float> cond = encode(r.prompt, result.warnings);
-  std::vector<float> hidden;  // [unet batch, text length, width]: (negative, prompt) halves with guidance
-  if (guided) {
-    const std::vector<float> uncond = encode(r.negative_prompt.value_or(""), result.warnings);
-    for (int i = 0; i < n; ++i) hidden.insert(hidden.end(), uncond.begin(), uncond.end());
+  const Conditioning cond = encode(r.prompt, result.warnings);
+  Conditioning uncond;
+  if (guided && !r.negative_prompt && manifest_.force_zeros_for_empty_prompt)  // SDXL's rule: zeros, not ""
+    uncond = {std::vector<float>(cond.hidden.size(), 0.0f), std::vector<float>(cond.pooled.size(), 0.0f)};
+  else if (guided)
+    uncond = encode(r.negative_prompt.value_or(""), result.warnings);
+  // UNet batch rows: (negative, prompt) halves with guidance, n rows each
+  auto rows = [&](const std::vector<float>& negative, const std::vector<float>& positive) {
+    std::vector<float> out;
+    for (int i = 0; guided && i < n; ++i) out.insert(out.end(), negative.begin(), negative.end());
+    for (int i = 0; i < n; ++i) out.insert(out.end(), positive.begin(), positive.end());
+    return out;
+  };
+  const std::vector<float> hidden = rows(uncond.hidden, cond.hidden), pooled = rows(uncond.pooled, cond.pooled);
+  std::vector<float> time_ids;  // original size, crop top-left, target size: the image's size, no crop
+  if (manifest_.family.time_ids) {
+    const float sizes[6] = {float(height), float(width), 0.0f, 0.0f, float(height), float(width)};
+    for (int i = 0; i < (guided ? 2 * n : n); ++i) time_ids.insert(time_ids.end(), sizes, sizes + 6);
   }
-  for (int i = 0; i < n; ++i) hidden.insert(hidden.end(), cond.begin(), cond.end());
   result.text_encoder_seconds = seconds_since(start);
 
-  const int64_t unet_batch = guided ? 2 * n : n, text_length = tokenizer_->max_length();
-  const int64_t text_width = static_cast<int64_t>(cond.size()) / text_length;
-  const auto feeds_of = [this](const char* component) {
-    const auto it = feeds_.find(component);
-    return it == feeds_.end() ? WeightFeeds{} : it->second;
-  };
-  const WeightFeeds unet_feeds = feeds_of("unet"), decoder_feeds = feeds_of("vae_decoder");
+  const int64_t unet_batch = guided ? 2 * n : n;
+  const int64_t text_length = tokenizers_.at(manifest_.family.text_encoders.front())->max_length();
+  const int64_t text_width = static_cast<int64_t>(cond.hidden.size()) / text_length;
+  const int64_t pooled_width = static_cast<int64_t>(cond.pooled.size());
+  const WeightFeeds& unet_feeds = feeds_of("unet");
+  const WeightFeeds& decoder_feeds = feeds_of("vae_decoder");
   const float scale = static_cast<float>(r.guidance_scale);
   result.count = r.num_images, result.height = height, result.width = width;
   result.pixels.resize(static_cast<size_t>(r.num_images) * height * width * 3);
@@ -151,15 +191,20 @@ Images Pipeline::generate(const Request& r) const {
     const int take = std::min(n, r.num_images - first);
     std::vector<float> x = padded_rows(latents.data(), first, take, n, row);
     const auto unet_start = std::chrono::steady_clock::now();
+    auto unet_inputs = [&](const std::vector<float>& sample, const std::vector<float>& timestep) {
+      std::vector<Feed> feeds = {{"sample", {unet_batch, channels, latent_h, latent_w}, sample.data(), nullptr},
+                                 {"timestep", {static_cast<int64_t>(timestep.size())}, timestep.data(), nullptr},
+                                 {"encoder_hidden_states", {unet_batch, text_length, text_width}, hidden.data(), nullptr}};
+      if (pooled_width) feeds.push_back({"text_embeds", {unet_batch, pooled_width}, pooled.data(), nullptr});
+      if (!time_ids.empty()) feeds.push_back({"time_ids", {unet_batch, 6}, time_ids.data(), nullptr});
+      return feeds;
+    };
     for (size_t step = 0; step < timesteps.size(); ++step) {
       std::vector<float> sample(x);
       if (guided) sample.insert(sample.end(), x.begin(), x.end());
       const std::vector<float> timestep(per_sample_timesteps_ ? unet_batch : 1, static_cast<float>(timesteps[step]));
       const auto out = sessions_.at("unet")->run(
-          {{"sample", {unet_batch, channels, latent_h, latent_w}, sample.data(), nullptr},
-           {"timestep", {static_cast<int64_t>(timestep.size())}, timestep.data(), nullptr},
-           {"encoder_hidden_states", {unet_batch, text_length, text_width}, hidden.data(), nullptr}},
-          unet_feeds);
+          unet_inputs(sample, timestep), unet_feeds);
       std::vector<float> pred = out.at("noise_pred").values;
       if (!all_finite(pred))
         throw non_finite("UNet", "at step " + std::to_string(step + 1) + " of " + std::to_string(timesteps.size()) +
@@ -196,7 +241,7 @@ Images Pipeline::generate(const Request& r) const {
   }
   result.total_seconds = seconds_since(start);
   nlohmann::ordered_json precision;
-  for (const char* name : kComponents) precision[name] = "fp32";
+  for (const std::string& name : components_) precision[name] = "fp32";
   result.metadata = {{"prompt", r.prompt},
                      {"negative_prompt", r.negative_prompt ? nlohmann::ordered_json(*r.negative_prompt) : nullptr},
                      {"seed", r.seed},

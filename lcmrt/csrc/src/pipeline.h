@@ -1,5 +1,6 @@
-// Prompt to images with one engine folder (lcmrt/pipeline.py Pipeline, text to image): tokenizer, text encoder,
-// LCM sampler loop over the UNet with guidance none or classifier-free, VAE decode; adapters by refit inputs.
+// Prompt to images with one engine folder (lcmrt/pipeline.py Pipeline, text to image): tokenizers, text encoders
+// (the family's conditioning), LCM sampler loop over the UNet with guidance none or classifier-free, VAE decode;
+// adapters by refit inputs.
 #pragma once
 
 #include <cstdint>
@@ -60,11 +61,17 @@ class Pipeline {
   std::vector<AdapterState> adapters() const;
 
  private:
-  std::vector<float> encode(const std::string& prompt, std::vector<std::string>& warnings) const;
+  struct Conditioning {
+    std::vector<float> hidden;  // [1, text length, width]: encoder_hidden_states
+    std::vector<float> pooled;  // [1, P]: text_embeds (SDXL families), else empty
+  };
+  Conditioning encode(const std::string& prompt, std::vector<std::string>& warnings) const;
+  const WeightFeeds& feeds_of(const std::string& component) const;
   nlohmann::ordered_json active_adapters() const;
 
   Manifest manifest_;
-  std::unique_ptr<ClipTokenizer> tokenizer_;
+  std::vector<std::string> components_;  // what a generation runs: the text encoders, unet, vae_decoder
+  std::map<std::string, std::unique_ptr<ClipTokenizer>> tokenizers_;  // by text encoder
   std::map<std::string, std::unique_ptr<Session>> sessions_;
   AdapterBank bank_;
   AdapterSet active_;

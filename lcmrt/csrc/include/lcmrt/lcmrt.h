@@ -1,7 +1,8 @@
 /* lcmrt's native runtime, C API: load an engine folder written by `lcmrt build`, generate images, swap adapters.
  *
  * Same engine folder, same images as the Python runtime (`import lcmrt`): a seed gives the same image in both.
- * Runs the folder's ONNX graphs on ONNX Runtime's CPU provider. Text to image, guidance none or classifier-free.
+ * Runs the folder's ONNX graphs on ONNX Runtime's CPU provider. Text to image for SD1.5, SDXL and SSD-1B folders,
+ * guidance none or classifier-free.
  *
  * Errors: every function returns an lcmrt_status; on failure, lcmrt_last_error() gives a message naming the problem
  * and the fix (valid until the calling thread's next lcmrt call). No C++ exception crosses this API.
