@@ -264,3 +264,12 @@ def test_sdxl_families_match_python(native, tiny_xl_refit_engine):
         for call in calls:
             expected = py(PROMPT, seed=6, num_inference_steps=3, output="np", **call)
             _assert_close(nat.generate(PROMPT, call.get("negative_prompt"), 3, call["guidance_scale"], 6), expected)
+
+
+def test_a_batch_folder_runs_chunks_like_python(native, tiny_model, tmp_path_factory):
+    """A folder built for batches of 2: three images run as two UNet batches, the second padded."""
+    from tiny_engines import build_tiny_engine
+
+    folder = build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "batch2", batch=2)
+    expected = _python(folder)(PROMPT, num_inference_steps=2, guidance_scale=1.5, seed=8, num_images=3, output="np")
+    _assert_close(native.load(folder).generate(PROMPT, steps=2, guidance_scale=1.5, seed=8, num_images=3), expected)
