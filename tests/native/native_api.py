@@ -73,13 +73,14 @@ class NativePipeline:
         self.close()
 
     def generate(self, prompt, negative_prompt=None, steps=4, guidance_scale=1.0, seed=0, num_images=1, latents=None,
-                 step_noise=None, png=None) -> np.ndarray:
+                 step_noise=None, png=None, height=0, width=0) -> np.ndarray:
         """Images as Python's output="np" gives them: [N, H, W, 3] float32 in [0, 1]."""
         request = Request()
         self.lib.lcmrt_request_init(ctypes.byref(request))
         request.prompt = prompt.encode()
         request.negative_prompt = None if negative_prompt is None else negative_prompt.encode()
         request.steps, request.guidance_scale, request.seed, request.num_images = steps, guidance_scale, seed, num_images
+        request.height, request.width = height, width
         keep = []
         if latents is not None:
             keep = [np.ascontiguousarray(latents, np.float32), np.ascontiguousarray(np.stack(step_noise), np.float32)]

@@ -273,3 +273,18 @@ def test_a_batch_folder_runs_chunks_like_python(native, tiny_model, tmp_path_fac
     folder = build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "batch2", batch=2)
     expected = _python(folder)(PROMPT, num_inference_steps=2, guidance_scale=1.5, seed=8, num_images=3, output="np")
     _assert_close(native.load(folder).generate(PROMPT, steps=2, guidance_scale=1.5, seed=8, num_images=3), expected)
+
+
+def test_a_folder_of_several_sizes_matches_python(native, tiny_model, tmp_path_factory):
+    from tiny_engines import build_tiny_engine
+
+    folder = build_tiny_engine(tiny_model, tmp_path_factory.mktemp("engines") / "sizes", sizes=[(128, 128), (96, 160)])
+    py, nat = _python(folder), native.load(folder)
+    for height, width in [(128, 128), (96, 160)]:
+        expected = py(PROMPT, num_inference_steps=2, seed=4, height=height, width=width, output="np")
+        got = nat.generate(PROMPT, steps=2, seed=4, height=height, width=width)
+        assert got.shape == (1, height, width, 3)
+        _assert_close(got, expected)
+    with pytest.raises(NativeError) as error:
+        nat.generate(PROMPT, height=64, width=64)
+    assert error.value.status == INVALID_ARGUMENT and "serves 128x128, 160x96" in error.value.message
