@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools
 	$(PIP) "$(TORCH)"
-	$(PIP) --no-build-isolation -e ".[build,test,openvino]"
+	$(PIP) --no-build-isolation -e ".[build,test,openvino,serve]"
 	touch $@
 
 demo: install
@@ -59,7 +59,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip setuptools
 	.venv-lock/bin/pip install --quiet "$(TORCH)"
-	.venv-lock/bin/pip install --quiet -e ".[build,test,openvino]"
+	.venv-lock/bin/pip install --quiet -e ".[build,test,openvino,serve]"
 	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock

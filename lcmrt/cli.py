@@ -249,7 +249,6 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
              size, image, strength, mask, mask_blur, tiny_vae, output):
     """Generate images for PROMPT with the engine folder FOLDER (with --image: img2img; with --mask too:
     inpainting)."""
-    from . import __version__
     from .errors import InputError
     from .image_inputs import image_size
     from .images import check_png_path, save_png
@@ -275,10 +274,7 @@ def generate(folder, prompt, negative_prompt, steps, guidance, seed, num_images,
     edit = {} if image is None else {"image": image, "strength": strength, "mask_image": mask, "mask_blur": mask_blur}
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   seed=seed, num_images=num_images, height=height, width=width, tiny_vae=tiny_vae, **edit)
-    metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": pipe.last_seed, "steps": steps,
-                "guidance": guidance, "adapters": pipe.adapters, "engine_folder": str(folder),
-                "backend": pipe.backend, "lcmrt_version": __version__,
-                "precision": pipe.last_precisions}
+    metadata = pipe.png_metadata(prompt, negative_prompt, steps, guidance)
     if image is not None:
         metadata.update({"image": str(image), "strength": pipe.last_strength, "mask": None if mask is None else str(mask),
                          "mask_blur": mask_blur})
@@ -523,6 +519,39 @@ def bench_command(folder, steps, guidance, repeats, backend, prompt, gemm_size, 
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=1))
         click.echo(str(json_path))
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="FOLDER [FOLDER ...]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 serves every network the machine is on.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (7860 is the AUTOMATIC1111 web UI's).")
+@click.option("--api-key", envvar="LCMRT_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health (or set LCMRT_API_KEY, which "
+                   "other users cannot read from the process list).")
+@click.option("--queue-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait; past that, requests are answered 429 with Retry-After.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request may wait in the queue; past that it is answered 503 and not run.")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, openvino, onnxruntime-cuda, tensorrt, ...")
+def serve(folders, host, port, api_key, queue_size, timeout, backend):
+    """Serve the engine folders FOLDER over HTTP (the AUTOMATIC1111 web UI API subset and lcmrt's /v1/images),
+    each as a model named after its folder. Needs the serve extra: pip install 'lcmrt[serve]'."""
+    try:
+        from .server import serve as run_server
+    except ModuleNotFoundError as e:
+        from .errors import InputError
+
+        raise InputError(f"lcmrt serve needs the serve extra ({e}): pip install 'lcmrt[serve]'.") from e
+    if host not in LOOPBACK_HOSTS and api_key is None:
+        click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it.",
+                    fg="yellow", err=True)
+    run_server(list(folders), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
+               backend=backend)
 
 
 def main():

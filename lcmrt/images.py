@@ -6,6 +6,7 @@ as JSON) so that image viewers show "prompt", "seed", ... directly.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -54,6 +55,21 @@ def check_png_path(path: str | Path) -> Path:
 def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
     """Write `image` as a PNG at `path` (*.png; parent folders created) with `metadata` in text chunks."""
     path = check_png_path(path)
+    info = png_info(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def png_bytes(image: Image.Image, metadata: dict) -> bytes:
+    """`image` as the bytes of the PNG `save_png` writes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    return buffer.getvalue()
+
+
+def png_info(metadata: dict) -> PngInfo:
+    """The text chunks of `metadata` (see the module docstring), checked to be JSON values under PNG keys."""
     info = PngInfo()
     if METADATA_KEY in metadata:
         raise InputError(f"metadata may not have a field named {METADATA_KEY!r}: that key holds the whole dict.")
@@ -65,9 +81,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
         if not isinstance(key, str) or not 1 <= len(key) <= _MAX_KEY or not key.isascii():
             raise InputError(f"metadata key {key!r} cannot be a PNG text key: use 1-{_MAX_KEY} ASCII characters.")
         info.add_itxt(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    return info
 
 
 def read_png_metadata(path: str | Path) -> dict:

@@ -149,6 +149,14 @@ class Pipeline:
         fp16 graph overflowed and the fp32 one decoded instead)."""
         return dict(getattr(self._thread, "precisions", {}))
 
+    def png_metadata(self, prompt: str, negative_prompt: str | None, steps: int, guidance: float) -> dict:
+        """The settings `lcmrt generate` writes into its PNGs, for this thread's last call with these arguments."""
+        from . import __version__
+
+        return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": self.last_seed, "steps": steps,
+                "guidance": guidance, "adapters": self.adapters, "engine_folder": str(self.folder),
+                "backend": self.backend, "lcmrt_version": __version__, "precision": self.last_precisions}
+
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", adapters: dict[str, float] | None = None,
              **backend_options) -> "Pipeline":
