@@ -61,8 +61,8 @@ class NativeLibrary:
 
 
 class NativePipeline:
-    def __init__(self, library: NativeLibrary, handle):
-        self.library, self.lib, self.handle = library, library.lib, handle
+    def __init__(self, runtime: NativeLibrary, handle):
+        self.runtime, self.lib, self.handle = runtime, runtime.lib, handle
 
     def close(self):
         if self.handle:
@@ -86,13 +86,13 @@ class NativePipeline:
             keep = [np.ascontiguousarray(latents, np.float32), np.ascontiguousarray(np.stack(step_noise), np.float32)]
             request.latents, request.step_noise = (a.ctypes.data_as(c_float_p) for a in keep)
         images = ctypes.c_void_p()
-        self.library.check(self.lib.lcmrt_generate(self.handle, ctypes.byref(request), ctypes.byref(images)))
+        self.runtime.check(self.lib.lcmrt_generate(self.handle, ctypes.byref(request), ctypes.byref(images)))
         try:
             n, h, w = (getattr(self.lib, f"lcmrt_images_{k}")(images) for k in ("count", "height", "width"))
             out = np.stack([np.ctypeslib.as_array(self.lib.lcmrt_images_pixels(images, i), (h, w, 3)).copy()
                             for i in range(n)])
             if png is not None:
-                self.library.check(self.lib.lcmrt_images_save_png(images, 0, str(png).encode()))
+                self.runtime.check(self.lib.lcmrt_images_save_png(images, 0, str(png).encode()))
             self.warnings = self.lib.lcmrt_images_warnings(images).decode()
         finally:
             self.lib.lcmrt_images_free(images)
@@ -101,13 +101,13 @@ class NativePipeline:
     def set_adapters(self, adapters: dict) -> None:
         names = (ctypes.c_char_p * len(adapters))(*(n.encode() for n in adapters))
         weights = (ctypes.c_double * len(adapters))(*adapters.values())
-        self.library.check(self.lib.lcmrt_set_adapters(self.handle, names, weights, len(adapters)))
+        self.runtime.check(self.lib.lcmrt_set_adapters(self.handle, names, weights, len(adapters)))
 
     def adapters(self) -> dict:
         out = {}
         for i in range(self.lib.lcmrt_adapter_count(self.handle)):
             name, weight, refittable = ctypes.c_char_p(), ctypes.c_double(), ctypes.c_int()
-            self.library.check(self.lib.lcmrt_adapter_at(self.handle, i, ctypes.byref(name), ctypes.byref(weight),
+            self.runtime.check(self.lib.lcmrt_adapter_at(self.handle, i, ctypes.byref(name), ctypes.byref(weight),
                                                          ctypes.byref(refittable)))
             out[name.value.decode()] = (weight.value, bool(refittable.value))
         return out
